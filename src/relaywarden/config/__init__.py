@@ -1,0 +1,1 @@
+"""The typed, documented configuration schema, its TOML loader and the embedded default."""

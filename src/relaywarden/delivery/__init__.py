@@ -1,0 +1,1 @@
+"""Delivery: routes, MX lookup, the outbound client, local mailbox delivery."""

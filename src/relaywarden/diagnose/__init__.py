@@ -1,0 +1,1 @@
+"""The doctor: checks of KB 895853, each returning findings."""

@@ -1,0 +1,1 @@
+"""Delivery status notifications: building NDRs, reading and explaining any NDR."""

@@ -1,0 +1,1 @@
+"""Relay policy: the pure relay decision per recipient, and configuration audits (open relay). No I/O."""

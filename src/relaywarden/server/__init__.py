@@ -1,0 +1,1 @@
+"""asyncio listeners that drive the sans-I/O protocol core: TLS, AUTH, PROXY protocol, limits."""
