@@ -1,0 +1,617 @@
+"""The embedded durable queue: SQLite in WAL mode, synchronous=FULL, one group-committing writer.
+
+This module owns the queue database file: its schema, the queue ids, the single writer thread
+that gathers every waiting write into one transaction (one fsync for many messages), and the
+read side, which uses its own connections and is safe while another process (an operator tool,
+a second server instance) reads or writes the same file.
+
+A submission's future resolves only after the COMMIT of the transaction that holds it. Each
+write in a group runs inside its own SAVEPOINT, so one bad message fails alone; a failed COMMIT
+fails the whole group. SQLITE_FULL (disk or ``max_pages`` reached) becomes ``QueueFull``,
+anything else ``QueueError``; what was committed before is never touched.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue as stdlib_queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relaywarden.queue.model import (
+    DEFERRED,
+    DELIVERED,
+    FAILED,
+    DeliveryResult,
+    MessageIn,
+    QueueBackend,
+    QueuedMessage,
+    QueuedRecipient,
+    QueueError,
+    QueueFull,
+)
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS message (
+    id             TEXT PRIMARY KEY,
+    sender         TEXT NOT NULL,
+    received_at    REAL NOT NULL,
+    listener       TEXT NOT NULL,
+    client_address TEXT NOT NULL,
+    client_port    INTEGER NOT NULL CHECK (client_port BETWEEN 0 AND 65535),
+    helo           TEXT NOT NULL,
+    auth_user      TEXT,
+    tls            TEXT,
+    body_type      TEXT NOT NULL CHECK (body_type IN ('7BIT', '8BITMIME', 'BINARYMIME')),
+    smtputf8       INTEGER NOT NULL CHECK (smtputf8 IN (0, 1)),
+    dsn_ret        TEXT CHECK (dsn_ret IN ('FULL', 'HDRS')),
+    dsn_envid      TEXT,
+    session_id     TEXT NOT NULL,
+    hold           INTEGER NOT NULL DEFAULT 0 CHECK (hold IN (0, 1)),
+    size           INTEGER NOT NULL,
+    data           BLOB NOT NULL          -- last, so listing never reads the body's pages
+);
+CREATE TABLE IF NOT EXISTS recipient (
+    id              INTEGER PRIMARY KEY,
+    message_id      TEXT NOT NULL REFERENCES message(id) ON DELETE CASCADE,
+    position        INTEGER NOT NULL,
+    address         TEXT NOT NULL,
+    domain          TEXT NOT NULL,
+    original        TEXT NOT NULL,
+    orcpt           TEXT,
+    notify          TEXT NOT NULL,        -- comma separated, '' when NOTIFY was absent
+    verdict         TEXT NOT NULL CHECK (verdict IN ('local', 'forward', 'relay')),
+    route           TEXT,
+    decision_id     TEXT NOT NULL,
+    state           TEXT NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'deferred', 'delivered', 'failed')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,                 -- NULL once the state is final
+    last_attempt_at REAL,
+    reply_code      INTEGER,
+    enhanced_code   TEXT,
+    remote_host     TEXT,
+    remote_address  TEXT,
+    remote_text     TEXT,
+    remote_command  TEXT,
+    permanent       INTEGER,
+    UNIQUE (message_id, position)
+);
+CREATE INDEX IF NOT EXISTS recipient_state ON recipient(state);
+CREATE INDEX IF NOT EXISTS recipient_next_attempt ON recipient(next_attempt_at)
+    WHERE state IN ('pending', 'deferred');
+CREATE INDEX IF NOT EXISTS recipient_domain ON recipient(domain);
+CREATE INDEX IF NOT EXISTS message_sender ON message(sender);
+CREATE INDEX IF NOT EXISTS message_auth_user ON message(auth_user);
+CREATE INDEX IF NOT EXISTS message_client_address ON message(client_address);
+"""
+
+_MESSAGE_COLUMNS = (
+    "id, sender, received_at, listener, client_address, client_port, helo, auth_user, tls,"
+    " body_type, smtputf8, dsn_ret, dsn_envid, session_id, hold, size"
+)
+_RECIPIENT_COLUMNS = (
+    "id, address, original, orcpt, notify, verdict, route, decision_id, state, attempts,"
+    " next_attempt_at, last_attempt_at, reply_code, enhanced_code, remote_host, remote_address,"
+    " remote_text, remote_command, permanent"
+)
+
+
+class QueueIdGenerator:
+    """Queue ids: 14 hex digits of microseconds (strictly increasing within a process), then
+    10 hex digits of randomness, so ids sort by arrival and are unique across processes and
+    restarts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = 0
+
+    def __call__(self) -> str:
+        with self._lock:
+            stamp = max(time.time_ns() // 1000, self._last + 1)
+            self._last = stamp
+        return f"{stamp:014x}{secrets.token_hex(5)}"
+
+
+@dataclass(slots=True)
+class _Write:
+    """One unit of work for the writer thread: ``apply`` runs inside the group's transaction."""
+
+    apply: Callable[[sqlite3.Connection], Any]
+    future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
+    is_message: bool = False
+
+
+_STOP = object()
+
+
+def _is_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) == sqlite3.SQLITE_FULL
+    return "database or disk is full" in str(exc)
+
+
+def _translate(exc: BaseException) -> Exception:
+    """The error a caller of the queue sees for a failure inside the writer."""
+    if isinstance(exc, (QueueFull, QueueError)):
+        return exc
+    if _is_full(exc):
+        full = QueueFull(f"queue storage is full: {exc}")
+        full.__cause__ = exc
+        return full
+    error = QueueError(f"queue write failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+class SqliteQueue(QueueBackend):
+    """The queue in one SQLite file, written by one group-committing thread."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        group_max: int = 512,
+        group_wait: float = 0.002,
+        busy_timeout: float = 10.0,
+        max_pages: int | None = None,
+    ) -> None:
+        if group_max < 1:
+            raise ValueError("group_max must be at least 1")
+        self.path = Path(path)
+        self.group_max = group_max
+        self.group_wait = max(0.0, group_wait)
+        self.busy_timeout = busy_timeout
+        self._new_id = QueueIdGenerator()
+        self._inbox: stdlib_queue.SimpleQueue[_Write | object] = stdlib_queue.SimpleQueue()
+        self._state_lock = threading.Lock()
+        self._closed = False
+        self._stats = {"transactions": 0, "messages": 0, "failed": 0}
+        self._readers: list[sqlite3.Connection] = []
+        self._local = threading.local()
+        self._writer_conn = self._open_writer(max_pages)
+        self._writer = threading.Thread(
+            target=self._writer_loop, name=f"queue-writer:{self.path.name}", daemon=True
+        )
+        self._writer.start()
+
+    # ------------------------------------------------------------------ connections
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                isolation_level=None,  # we issue BEGIN / COMMIT ourselves
+                check_same_thread=False,
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+        return conn
+
+    def _open_writer(self, max_pages: int | None) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise QueueError(f"{self.path}: cannot use WAL journal mode (got {mode!r})")
+            conn.execute("PRAGMA synchronous = FULL")
+            if conn.execute("PRAGMA synchronous").fetchone()[0] != 2:
+                raise QueueError(f"{self.path}: cannot set synchronous = FULL")
+            conn.execute("PRAGMA journal_size_limit = 67108864")
+            if max_pages is not None:
+                conn.execute(f"PRAGMA max_page_count = {int(max_pages)}")
+            conn.executescript("BEGIN IMMEDIATE;" + SCHEMA)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version != SCHEMA_VERSION:
+                raise QueueError(
+                    f"{self.path}: queue schema version {version}, this relaywarden knows "
+                    f"{SCHEMA_VERSION}"
+                )
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.close()
+            raise _translate(exc) from exc
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise QueueError("queue is closed")
+            conn = self._connect()
+            conn.execute("PRAGMA query_only = ON")
+            self._local.conn = conn
+            with self._state_lock:
+                self._readers.append(conn)
+        return conn
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: one consistent snapshot of the queue."""
+        conn = self._reader()
+        try:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+
+    # ------------------------------------------------------------------ the writer
+
+    def _enqueue(self, write: _Write) -> concurrent.futures.Future[Any]:
+        with self._state_lock:
+            if self._closed:
+                write.future.set_exception(QueueError("queue is closed"))
+                return write.future
+            self._inbox.put(write)
+        return write.future
+
+    def _wait(self, write: _Write) -> Any:
+        return self._enqueue(write).result()
+
+    def _gather(self, first: _Write) -> tuple[list[_Write], bool]:
+        """The group: ``first`` and whatever arrives within ``group_wait``, up to ``group_max``.
+        The flag says the stop sentinel was seen."""
+        group = [first]
+        deadline = time.monotonic() + self.group_wait
+        while len(group) < self.group_max:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait()
+            except stdlib_queue.Empty:
+                break
+            if item is _STOP:
+                return group, True
+            assert isinstance(item, _Write)
+            group.append(item)
+        return group, False
+
+    def _writer_loop(self) -> None:
+        conn = self._writer_conn
+        stopping = False
+        while not stopping:
+            item = self._inbox.get()
+            if item is _STOP:
+                break
+            assert isinstance(item, _Write)
+            group, stopping = self._gather(item)
+            try:
+                self._commit_group(conn, group)
+            except BaseException as exc:  # the writer must survive anything
+                self._fail(group, exc)
+        conn.close()
+
+    def _commit_group(self, conn: sqlite3.Connection, group: list[_Write]) -> None:
+        live = [w for w in group if w.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        done: list[tuple[_Write, Any]] = []
+        failed: list[tuple[_Write, BaseException]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for write in live:
+                conn.execute("SAVEPOINT item")
+                try:
+                    result = write.apply(conn)
+                except Exception as exc:
+                    if not conn.in_transaction:  # sqlite rolled the whole group back
+                        raise
+                    conn.execute("ROLLBACK TO item")
+                    conn.execute("RELEASE item")
+                    failed.append((write, exc))
+                else:
+                    conn.execute("RELEASE item")
+                    done.append((write, result))
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            self._fail(live, exc)
+            return
+        with self._state_lock:
+            self._stats["transactions"] += 1
+            self._stats["messages"] += sum(1 for w, _ in done if w.is_message)
+            self._stats["failed"] += len(failed)
+        for write, result in done:
+            write.future.set_result(result)
+        for write, exc in failed:
+            write.future.set_exception(_translate(exc))
+
+    def _fail(self, group: list[_Write], exc: BaseException) -> None:
+        with self._state_lock:
+            self._stats["failed"] += len(group)
+        for write in group:
+            if not write.future.done():
+                if write.future.running() or write.future.set_running_or_notify_cancel():
+                    write.future.set_exception(_translate(exc))
+
+    # ------------------------------------------------------------------ writes
+
+    def submit(self, msg: MessageIn) -> concurrent.futures.Future[str]:
+        queue_id = self._new_id()
+        return self._enqueue(_Write(lambda conn: _insert(conn, queue_id, msg), is_message=True))
+
+    def record_attempt(
+        self,
+        queue_id: str,
+        recipient_id: int,
+        result: DeliveryResult,
+        *,
+        next_attempt_at: float | None,
+        attempted_at: float | None = None,
+    ) -> bool:
+        when = time.time() if attempted_at is None else attempted_at
+        return bool(
+            self._wait(
+                _Write(
+                    lambda conn: _update_recipient(
+                        conn, queue_id, recipient_id, result, next_attempt_at, when
+                    )
+                )
+            )
+        )
+
+    def set_hold(self, queue_id: str, hold: bool) -> bool:
+        sql = "UPDATE message SET hold = ? WHERE id = ?"
+        return bool(self._wait(_Write(lambda c: c.execute(sql, (int(hold), queue_id)).rowcount)))
+
+    def delete(self, queue_id: str) -> bool:
+        sql = "DELETE FROM message WHERE id = ?"
+        return bool(self._wait(_Write(lambda c: c.execute(sql, (queue_id,)).rowcount)))
+
+    def set_max_pages(self, pages: int) -> int:
+        """Change the size limit in database pages (the "disk" of a test); returns the limit
+        sqlite applied, which is never below the current size."""
+        sql = f"PRAGMA max_page_count = {int(pages)}"
+        return int(self._wait(_Write(lambda c: c.execute(sql).fetchone()[0])))
+
+    def close(self) -> None:
+        """Finish every write already submitted, stop the writer, close all connections."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._inbox.put(_STOP)
+        self._writer.join()
+        with self._state_lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
+
+    def stats(self) -> dict[str, int]:
+        """Committed transactions, messages committed, writes failed (since this instance
+        opened)."""
+        with self._state_lock:
+            return dict(self._stats)
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, queue_id: str) -> QueuedMessage | None:
+        with self._reading() as conn:
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE id = ?", (queue_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            recipients = _select_recipients(conn, "message_id = ?", (queue_id,))
+        return _message_from_row(row, tuple(recipients))
+
+    def recipients(self, queue_id: str) -> list[QueuedRecipient]:
+        with self._reading() as conn:
+            return _select_recipients(conn, "message_id = ?", (queue_id,))
+
+    def message_data(self, queue_id: str) -> bytes | None:
+        with self._reading() as conn:
+            row = conn.execute("SELECT data FROM message WHERE id = ?", (queue_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def count(self) -> int:
+        with self._reading() as conn:
+            return int(conn.execute("SELECT count(*) FROM message").fetchone()[0])
+
+    def due(self, now: float, limit: int) -> list[tuple[str, list[QueuedRecipient]]]:
+        with self._reading() as conn:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT r.message_id, min(r.next_attempt_at) AS first_due"
+                    " FROM recipient r JOIN message m ON m.id = r.message_id"
+                    " WHERE r.state IN ('pending', 'deferred') AND r.next_attempt_at <= ?"
+                    "   AND m.hold = 0"
+                    " GROUP BY r.message_id ORDER BY first_due, r.message_id LIMIT ?",
+                    (now, limit),
+                )
+            ]
+            return [
+                (
+                    queue_id,
+                    _select_recipients(
+                        conn,
+                        "message_id = ? AND state IN ('pending', 'deferred')"
+                        " AND next_attempt_at <= ?",
+                        (queue_id, now),
+                    ),
+                )
+                for queue_id in ids
+            ]
+
+
+# ---------------------------------------------------------------------- SQL helpers
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def _insert(conn: sqlite3.Connection, queue_id: str, msg: MessageIn) -> str:
+    if not msg.recipients:
+        raise QueueError("a message needs at least one recipient")
+    conn.execute(
+        "INSERT INTO message (id, sender, received_at, listener, client_address, client_port,"
+        " helo, auth_user, tls, body_type, smtputf8, dsn_ret, dsn_envid, session_id, size, data)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            queue_id,
+            msg.sender,
+            msg.received_at,
+            msg.listener,
+            msg.client_address,
+            msg.client_port,
+            msg.helo,
+            msg.auth_user,
+            msg.tls,
+            msg.body_type,
+            int(msg.smtputf8),
+            msg.dsn_ret,
+            msg.dsn_envid,
+            msg.session_id,
+            len(msg.data),
+            sqlite3.Binary(msg.data),
+        ),
+    )
+    conn.executemany(
+        "INSERT INTO recipient (message_id, position, address, domain, original, orcpt, notify,"
+        " verdict, route, decision_id, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                queue_id,
+                position,
+                rcpt.address,
+                _domain(rcpt.address),
+                rcpt.original,
+                rcpt.orcpt,
+                ",".join(rcpt.notify),
+                rcpt.verdict,
+                rcpt.route,
+                rcpt.decision_id,
+                msg.received_at,
+            )
+            for position, rcpt in enumerate(msg.recipients)
+        ],
+    )
+    return queue_id
+
+
+def _update_recipient(
+    conn: sqlite3.Connection,
+    queue_id: str,
+    recipient_id: int,
+    result: DeliveryResult,
+    next_attempt_at: float | None,
+    attempted_at: float,
+) -> int:
+    if result.delivered:
+        state, next_at = DELIVERED, None
+    elif result.permanent or next_attempt_at is None:
+        state, next_at = FAILED, None
+    else:
+        state, next_at = DEFERRED, next_attempt_at
+    cursor = conn.execute(
+        "UPDATE recipient SET state = ?, attempts = attempts + 1, next_attempt_at = ?,"
+        " last_attempt_at = ?, reply_code = ?, enhanced_code = ?, remote_host = ?,"
+        " remote_address = ?, remote_text = ?, remote_command = ?, permanent = ?"
+        " WHERE id = ? AND message_id = ?",
+        (
+            state,
+            next_at,
+            attempted_at,
+            result.reply_code,
+            result.enhanced_code,
+            result.remote_host,
+            result.remote_address,
+            result.remote_text,
+            result.command,
+            int(result.permanent),
+            recipient_id,
+            queue_id,
+        ),
+    )
+    return cursor.rowcount
+
+
+def _select_recipients(
+    conn: sqlite3.Connection, where: str, params: tuple[Any, ...]
+) -> list[QueuedRecipient]:
+    rows = conn.execute(
+        f"SELECT {_RECIPIENT_COLUMNS} FROM recipient WHERE {where} ORDER BY message_id, position",
+        params,
+    )
+    return [_recipient_from_row(row) for row in rows]
+
+
+def _recipient_from_row(row: tuple[Any, ...]) -> QueuedRecipient:
+    (rid, address, original, orcpt, notify, verdict, route, decision_id, state, attempts,
+     next_at, last_at, code, enhanced, host, addr, text, command, permanent) = row  # fmt: skip
+    result = None
+    if last_at is not None:
+        result = DeliveryResult(
+            reply_code=code,
+            enhanced_code=enhanced,
+            remote_host=host,
+            remote_address=addr,
+            remote_text=text or "",
+            command=command,
+            permanent=bool(permanent),
+        )
+    return QueuedRecipient(
+        id=rid,
+        address=address,
+        original=original,
+        orcpt=orcpt,
+        notify=tuple(notify.split(",")) if notify else (),
+        verdict=verdict,
+        route=route,
+        decision_id=decision_id,
+        state=state,
+        attempts=attempts,
+        next_attempt_at=next_at,
+        last_attempt_at=last_at,
+        last_result=result,
+    )
+
+
+def _message_from_row(row: tuple[Any, ...], recipients: tuple[QueuedRecipient, ...]) -> QueuedMessage:
+    (qid, sender, received_at, listener, client_address, client_port, helo, auth_user, tls,
+     body_type, smtputf8, dsn_ret, dsn_envid, session_id, hold, size) = row  # fmt: skip
+    return QueuedMessage(
+        id=qid,
+        sender=sender,
+        recipients=recipients,
+        received_at=received_at,
+        listener=listener,
+        client_address=client_address,
+        client_port=client_port,
+        helo=helo,
+        auth_user=auth_user,
+        tls=tls,
+        body_type=body_type,
+        smtputf8=bool(smtputf8),
+        dsn_ret=dsn_ret,
+        dsn_envid=dsn_envid,
+        session_id=session_id,
+        size=size,
+        hold=bool(hold),
+    )
