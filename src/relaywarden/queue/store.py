@@ -6,8 +6,9 @@ read side, which uses its own connections and is safe while another process (an 
 a second server instance) reads or writes the same file.
 
 A submission's future resolves only after the COMMIT of the transaction that holds it. Each
-write in a group runs inside its own SAVEPOINT, so one bad message fails alone; a failed COMMIT
-fails the whole group. SQLITE_FULL (disk or ``max_pages`` reached) becomes ``QueueFull``,
+write in a group runs inside its own SAVEPOINT, so one bad message fails alone; when sqlite
+rolls the whole transaction back (as it may on a full disk) the writes that fitted are redone
+and the rest of the group fails; a failed COMMIT fails the whole group. SQLITE_FULL (disk or ``max_pages`` reached) becomes ``QueueFull``,
 anything else ``QueueError``; what was committed before is never touched.
 """
 
@@ -305,24 +306,8 @@ class SqliteQueue(QueueBackend):
         live = [w for w in group if w.future.set_running_or_notify_cancel()]
         if not live:
             return
-        done: list[tuple[_Write, Any]] = []
-        failed: list[tuple[_Write, BaseException]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for write in live:
-                conn.execute("SAVEPOINT item")
-                try:
-                    result = write.apply(conn)
-                except Exception as exc:
-                    if not conn.in_transaction:  # sqlite rolled the whole group back
-                        raise
-                    conn.execute("ROLLBACK TO item")
-                    conn.execute("RELEASE item")
-                    failed.append((write, exc))
-                else:
-                    conn.execute("RELEASE item")
-                    done.append((write, result))
-            conn.execute("COMMIT")
+            done, failed = _apply_group(conn, live)
         except BaseException as exc:
             if conn.in_transaction:
                 try:
@@ -460,6 +445,39 @@ class SqliteQueue(QueueBackend):
 
 
 # ---------------------------------------------------------------------- SQL helpers
+
+
+def _apply_group(
+    conn: sqlite3.Connection, live: list[_Write]
+) -> tuple[list[tuple[_Write, Any]], list[tuple[_Write, BaseException]]]:
+    """Apply a group in one transaction, each write in its own SAVEPOINT, and COMMIT.
+
+    Returns the writes applied (with their results) and the writes that failed alone. When
+    sqlite rolls back the whole transaction on an error (it may on SQLITE_FULL, IOERR, NOMEM),
+    the writes that had fitted are applied again in a new transaction and the failing write
+    and the rest of the group fail with that error: one retry at most per group.
+    """
+    done: list[tuple[_Write, Any]] = []
+    failed: list[tuple[_Write, BaseException]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    for index, write in enumerate(live):
+        conn.execute("SAVEPOINT item")
+        try:
+            result = write.apply(conn)
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK TO item")
+                conn.execute("RELEASE item")
+                failed.append((write, exc))
+                continue
+            failed.extend((w, exc) for w in live[index:])
+            conn.execute("BEGIN IMMEDIATE")
+            done = [(w, w.apply(conn)) for w, _ in done]
+            break
+        conn.execute("RELEASE item")
+        done.append((write, result))
+    conn.execute("COMMIT")
+    return done, failed
 
 
 def _domain(address: str) -> str:

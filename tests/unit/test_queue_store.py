@@ -1,0 +1,451 @@
+"""Unit tests of the durable queue: round trip, group commit, full disk, errors, close, sharing."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import re
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from relaywarden.queue.model import (
+    DeliveryResult,
+    MessageIn,
+    QueueError,
+    QueueFull,
+    RecipientIn,
+)
+from relaywarden.queue.store import QueueIdGenerator, SqliteQueue
+
+
+def recipient(address: str = "bob@example.org", **changes: object) -> RecipientIn:
+    base = RecipientIn(
+        address=address,
+        original=address.upper(),
+        orcpt=None,
+        notify=(),
+        verdict="relay",
+        route="smarthost",
+        decision_id="9f3a",
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def message(body: bytes = b"Subject: hi\r\n\r\nhello\r\n", **changes: object) -> MessageIn:
+    base = MessageIn(
+        sender="alice@ours.example",
+        recipients=(recipient(),),
+        data=body,
+        received_at=1_700_000_000.25,
+        listener="submission",
+        client_address="192.0.2.10",
+        client_port=40123,
+        helo="client.example",
+        auth_user="alice",
+        tls="TLSv1.3 TLS_AES_256_GCM_SHA384",
+        body_type="8BITMIME",
+        smtputf8=False,
+        dsn_ret=None,
+        dsn_envid=None,
+        session_id="s-0001",
+    )
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "queue.db"
+
+
+@pytest.fixture
+def q(db: Path):
+    queue = SqliteQueue(db)
+    yield queue
+    queue.close()
+
+
+def test_round_trip_of_every_field(q: SqliteQueue) -> None:
+    body = b"Received: from x\r\nSubject: \xc3\xa9t\xc3\xa9\r\n\r\n\x00\x01binary\xff\r\n.\r\n"
+    rcpts = (
+        recipient(
+            "jos\u00e9@b\u00fccher.example",
+            original="<Jos\u00e9@B\u00fccher.example>",
+            orcpt="utf-8;jos\u00e9@b\u00fccher.example",
+            notify=("SUCCESS", "FAILURE", "DELAY"),
+            verdict="forward",
+            route="partner",
+            decision_id="00ff",
+        ),
+        recipient("local@ours.example", notify=("NEVER",), verdict="local", route=None),
+        recipient("x@third.example", orcpt="rfc822;x@third.example"),
+    )
+    msg = message(
+        body,
+        sender="",
+        recipients=rcpts,
+        received_at=1_712_345_678.5,
+        listener="mx",
+        client_address="2001:db8::7",
+        client_port=65535,
+        helo="[2001:db8::7]",
+        auth_user=None,
+        tls=None,
+        body_type="BINARYMIME",
+        smtputf8=True,
+        dsn_ret="HDRS",
+        dsn_envid="env-42+2B",
+        session_id="sess-\u00e9",
+    )
+    queue_id = q.submit(msg).result(timeout=10)
+
+    got = q.get(queue_id)
+    assert got is not None
+    assert got.id == queue_id
+    for f in dataclasses.fields(MessageIn):
+        if f.name not in ("data", "recipients"):
+            assert getattr(got, f.name) == getattr(msg, f.name), f.name
+    assert got.size == len(body)
+    assert got.hold is False
+    assert got.state == "active"
+    assert q.message_data(queue_id) == body
+
+    assert got.recipients == tuple(q.recipients(queue_id))
+    assert len(got.recipients) == len(rcpts)
+    for stored, given in zip(got.recipients, rcpts):
+        for f in dataclasses.fields(RecipientIn):
+            assert getattr(stored, f.name) == getattr(given, f.name), f.name
+        assert stored.state == "pending"
+        assert stored.attempts == 0
+        assert stored.next_attempt_at == msg.received_at
+        assert stored.last_attempt_at is None
+        assert stored.last_result is None
+    assert got.recipients[0].domain == "b\u00fccher.example"
+
+
+def test_unknown_id_reads_as_absent(q: SqliteQueue) -> None:
+    assert q.get("0" * 24) is None
+    assert q.recipients("0" * 24) == []
+    assert q.message_data("0" * 24) is None
+    assert q.count() == 0
+
+
+def test_queue_ids_are_sortable_and_unique(q: SqliteQueue) -> None:
+    new_id = QueueIdGenerator()
+    ids = [new_id() for _ in range(2000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{24}", i) for i in ids)
+    # another generator (another process, a restart) gives later and different ids
+    later = QueueIdGenerator()()
+    assert later > ids[0] and later not in ids
+
+    first = q.submit(message()).result(timeout=10)
+    second = q.submit(message()).result(timeout=10)
+    assert re.fullmatch(r"[0-9a-f]{24}", first)
+    assert first < second
+
+
+def test_schema_and_database_settings(q: SqliteQueue, db: Path) -> None:
+    raw = sqlite3.connect(db)
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        names = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        types = {
+            row[1]: row[2] for row in raw.execute("PRAGMA table_info(message)")
+        }
+    finally:
+        raw.close()
+    assert {
+        "recipient_state",
+        "recipient_next_attempt",
+        "recipient_domain",
+        "message_sender",
+        "message_auth_user",
+        "message_client_address",
+    } <= names
+    assert types["data"] == "BLOB"
+
+
+def test_group_commit_groups_concurrent_submissions(q: SqliteQueue) -> None:
+    threads, per_thread = 8, 63  # 504 messages
+    start = threading.Barrier(threads)
+    results: list[list[str]] = [[] for _ in range(threads)]
+
+    def session(n: int) -> None:
+        start.wait(timeout=10)
+        futures = [q.submit(message(f"msg {n}-{i}\r\n".encode())) for i in range(per_thread)]
+        results[n] = [f.result(timeout=30) for f in futures]
+
+    workers = [threading.Thread(target=session, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    all_ids = [i for ids in results for i in ids]
+    assert len(all_ids) == threads * per_thread
+    assert len(set(all_ids)) == len(all_ids)
+    assert q.count() == len(all_ids)
+    stats = q.stats()
+    assert stats["messages"] == len(all_ids)
+    assert stats["transactions"] <= len(all_ids) // 4, stats
+    assert q.message_data(results[3][7]) == b"msg 3-7\r\n"
+
+
+def test_group_commit_groups_sessions_that_wait_for_their_reply(db: Path) -> None:
+    """Like SMTP sessions: each thread waits for its 250 before sending the next message."""
+    with SqliteQueue(db, group_wait=0.02) as queue:
+        threads, per_thread = 8, 25
+
+        def session() -> None:
+            for _ in range(per_thread):
+                queue.submit(message()).result(timeout=30)
+
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            for f in [pool.submit(session) for _ in range(threads)]:
+                f.result(timeout=60)
+        stats = queue.stats()
+        assert queue.count() == threads * per_thread
+        assert stats["messages"] == threads * per_thread
+        assert stats["transactions"] <= threads * per_thread // 2, stats
+
+
+def test_group_max_bounds_a_transaction(db: Path) -> None:
+    with SqliteQueue(db, group_max=10, group_wait=0.2) as queue:
+        futures = [queue.submit(message()) for _ in range(30)]
+        ids = [f.result(timeout=30) for f in futures]
+        assert len(set(ids)) == 30
+        assert queue.stats()["transactions"] >= 3
+
+
+def _fill_until_full(queue: SqliteQueue, body_size: int = 4000) -> tuple[list[str], Exception]:
+    ids: list[str] = []
+    for n in range(500):
+        body = f"{n:05d}".encode() + b"x" * body_size
+        try:
+            ids.append(queue.submit(message(body)).result(timeout=10))
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            return ids, exc
+    raise AssertionError("max_pages never filled up")
+
+
+def test_full_database_raises_queue_full_and_keeps_what_was_committed(db: Path) -> None:
+    with SqliteQueue(db, max_pages=80) as queue:
+        ids, error = _fill_until_full(queue)
+        assert isinstance(error, QueueFull)
+        assert len(ids) > 5
+        assert queue.count() == len(ids)
+        for n, queue_id in enumerate(ids):
+            assert queue.message_data(queue_id) == f"{n:05d}".encode() + b"x" * 4000
+        # the writer survived; a message that fits still fails while the limit holds...
+        with pytest.raises(QueueFull):
+            queue.submit(message(b"y" * 4000)).result(timeout=10)
+        # ...and succeeds once there is room again
+        assert queue.set_max_pages(100_000) >= 100_000
+        after = queue.submit(message(b"after\r\n")).result(timeout=10)
+        assert queue.message_data(after) == b"after\r\n"
+        assert queue.count() == len(ids) + 1
+
+
+def test_deleting_frees_room_after_queue_full(db: Path) -> None:
+    with SqliteQueue(db, max_pages=80) as queue:
+        ids, error = _fill_until_full(queue)
+        assert isinstance(error, QueueFull)
+        assert all(queue.delete(i) for i in ids[:3])
+        queue_id = queue.submit(message(b"z" * 4000)).result(timeout=10)
+        assert queue.message_data(queue_id) == b"z" * 4000
+
+
+def test_queue_full_in_the_middle_of_a_group_fails_only_what_does_not_fit(db: Path) -> None:
+    with SqliteQueue(db, max_pages=60, group_wait=0.2) as queue:
+        futures = [queue.submit(message(f"{n:03d}".encode() * 1500)) for n in range(100)]
+        outcomes: list[str | Exception] = []
+        for f in futures:
+            try:
+                outcomes.append(f.result(timeout=30))
+            except Exception as exc:  # noqa: BLE001
+                outcomes.append(exc)
+        stored = [(n, o) for n, o in enumerate(outcomes) if isinstance(o, str)]
+        failed = [o for o in outcomes if not isinstance(o, str)]
+        assert stored and failed
+        assert all(isinstance(e, QueueFull) for e in failed)
+        assert queue.count() == len(stored)
+        for n, queue_id in stored:
+            assert queue.message_data(queue_id) == f"{n:03d}".encode() * 1500
+
+
+def test_other_failures_raise_queue_error_alone_and_the_writer_survives(db: Path) -> None:
+    with SqliteQueue(db, group_wait=0.2) as queue:
+        good1 = queue.submit(message(b"one"))
+        bad_verdict = queue.submit(message(recipients=(recipient(verdict="open-relay"),)))
+        bad_body_type = queue.submit(message(body_type="9BIT"))
+        no_recipient = queue.submit(message(recipients=()))
+        good2 = queue.submit(message(b"two"))
+        for bad in (bad_verdict, bad_body_type, no_recipient):
+            with pytest.raises(QueueError) as caught:
+                bad.result(timeout=10)
+            assert not isinstance(caught.value, QueueFull)
+        assert "CHECK constraint" in str(bad_verdict.exception())
+        assert queue.message_data(good1.result(timeout=10)) == b"one"
+        assert queue.message_data(good2.result(timeout=10)) == b"two"
+        assert queue.count() == 2
+        assert queue.stats()["failed"] == 3
+        later = queue.submit(message(b"three")).result(timeout=10)
+        assert queue.message_data(later) == b"three"
+
+
+def test_close_flushes_pending_submissions(db: Path) -> None:
+    queue = SqliteQueue(db, group_max=16)
+    futures = [queue.submit(message(f"{n}".encode())) for n in range(200)]
+    queue.close()
+    assert all(f.done() for f in futures)
+    ids = [f.result() for f in futures]
+    with pytest.raises(QueueError):
+        queue.submit(message()).result(timeout=1)
+    queue.close()  # idempotent
+
+    with SqliteQueue(db) as reopened:
+        assert reopened.count() == 200
+        assert reopened.message_data(ids[123]) == b"123"
+
+
+def test_a_second_instance_sees_committed_messages_and_updates(db: Path) -> None:
+    with SqliteQueue(db) as server, SqliteQueue(db) as operator:
+        queue_id = server.submit(message(b"shared")).result(timeout=10)
+        assert operator.count() == 1
+        assert operator.message_data(queue_id) == b"shared"
+        assert operator.set_hold(queue_id, True)
+        held = server.get(queue_id)
+        assert held is not None and held.hold and held.state == "held"
+        # both write at once: sqlite serialises the two writers, nothing is lost
+        futures = [w.submit(message()) for _ in range(50) for w in (server, operator)]
+        assert len({f.result(timeout=30) for f in futures}) == 100
+        assert server.count() == operator.count() == 101
+
+
+def test_writes_wait_for_a_lock_held_by_another_process(db: Path) -> None:
+    with SqliteQueue(db, busy_timeout=10.0) as queue:
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            first = queue.submit(message(b"first"))
+            time.sleep(0.2)  # the writer now waits for the lock with `first` in hand
+            cancelled = queue.submit(message(b"cancelled"))
+            assert cancelled.cancel()
+            assert not first.done()
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        queue_id = first.result(timeout=10)
+        assert queue.message_data(queue_id) == b"first"
+        assert queue.count() == 1  # the cancelled submission was never written
+
+
+def test_busy_timeout_expiry_is_a_queue_error(db: Path) -> None:
+    with SqliteQueue(db, busy_timeout=0.2) as queue:
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(QueueError):
+                queue.submit(message()).result(timeout=10)
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        assert queue.submit(message()).result(timeout=10)
+
+
+def test_submit_async(q: SqliteQueue) -> None:
+    async def two() -> list[str]:
+        return list(await asyncio.gather(q.submit_async(message(b"a")), q.submit_async(message(b"b"))))
+
+    first, second = asyncio.run(two())
+    assert q.message_data(first) == b"a"
+    assert q.message_data(second) == b"b"
+
+
+def test_record_attempt_deferred_delivered_failed(q: SqliteQueue) -> None:
+    msg = message(
+        recipients=(recipient("a@x.example"), recipient("b@y.example"), recipient("c@z.example")),
+        received_at=1000.0,
+    )
+    queue_id = q.submit(msg).result(timeout=10)
+    a, b, c = q.recipients(queue_id)
+
+    busy = DeliveryResult(451, "4.7.1", "mx.x.example", "198.51.100.1", "try later", "RCPT", False)
+    assert q.record_attempt(queue_id, a.id, busy, next_attempt_at=1300.0, attempted_at=1001.0)
+    ok = DeliveryResult(250, "2.0.0", "mx.y.example", "198.51.100.2", "queued as X", "DATA", False)
+    assert q.record_attempt(queue_id, b.id, ok, next_attempt_at=None, attempted_at=1002.0)
+    denied = DeliveryResult(550, "5.7.1", "mx.z.example", "198.51.100.3", "relay denied", "RCPT", True)
+    assert q.record_attempt(queue_id, c.id, denied, next_attempt_at=1300.0, attempted_at=1003.0)
+
+    a, b, c = q.recipients(queue_id)
+    assert (a.state, a.attempts, a.next_attempt_at, a.last_attempt_at) == ("deferred", 1, 1300.0, 1001.0)
+    assert a.last_result == busy
+    assert (b.state, b.next_attempt_at, b.last_result) == ("delivered", None, ok)
+    assert (c.state, c.next_attempt_at, c.last_result) == ("failed", None, denied)
+
+    # a temporary failure with no next attempt (retries exhausted) is final
+    expired = DeliveryResult(None, "4.4.7", None, None, "connection timed out", "CONNECT", False)
+    assert q.record_attempt(queue_id, a.id, expired, next_attempt_at=None, attempted_at=1400.0)
+    a = q.recipients(queue_id)[0]
+    assert (a.state, a.attempts, a.last_result) == ("failed", 2, expired)
+    got = q.get(queue_id)
+    assert got is not None and got.state == "done" and got.count_in("failed") == 2
+
+    assert not q.record_attempt(queue_id, 999_999, ok, next_attempt_at=None)
+    assert not q.record_attempt("0" * 24, a.id, ok, next_attempt_at=None)
+
+
+def test_due_honours_time_hold_and_limit(q: SqliteQueue) -> None:
+    early = q.submit(message(received_at=100.0)).result(timeout=10)
+    late = q.submit(message(received_at=200.0)).result(timeout=10)
+    two = q.submit(
+        message(recipients=(recipient("a@x.example"), recipient("b@x.example")), received_at=150.0)
+    ).result(timeout=10)
+
+    assert q.due(50.0, 10) == []
+    assert [i for i, _ in q.due(1000.0, 10)] == [early, two, late]
+    assert [i for i, _ in q.due(1000.0, 2)] == [early, two]
+    assert [i for i, _ in q.due(160.0, 10)] == [early, two]
+
+    a, b = q.recipients(two)
+    busy = DeliveryResult(421, "4.3.2", "mx", "192.0.2.1", "shutting down", "CONNECT", False)
+    q.record_attempt(two, a.id, busy, next_attempt_at=500.0)
+    due = dict(q.due(300.0, 10))
+    assert [r.address for r in due[two]] == ["b@x.example"]
+    due = dict(q.due(600.0, 10))
+    assert [r.address for r in due[two]] == ["a@x.example", "b@x.example"]
+
+    assert q.set_hold(early, True)
+    assert early not in dict(q.due(1000.0, 10))
+    assert q.set_hold(early, False)
+    assert early in dict(q.due(1000.0, 10))
+    assert not q.set_hold("0" * 24, True)
+
+
+def test_delete_removes_message_and_recipients(q: SqliteQueue, db: Path) -> None:
+    queue_id = q.submit(message(recipients=(recipient(), recipient("c@d.example")))).result(timeout=10)
+    assert q.delete(queue_id)
+    assert q.get(queue_id) is None
+    assert q.recipients(queue_id) == []
+    assert q.message_data(queue_id) is None
+    assert not q.delete(queue_id)
+    raw = sqlite3.connect(db)
+    try:
+        assert raw.execute("SELECT count(*) FROM recipient").fetchone()[0] == 0
+    finally:
+        raw.close()
+
+
+def test_reads_from_many_threads(q: SqliteQueue) -> None:
+    ids = [q.submit(message(f"{n}".encode())).result(timeout=10) for n in range(20)]
+
+    def read(n: int) -> bytes | None:
+        return q.message_data(ids[n])
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(read, range(20))) == [f"{n}".encode() for n in range(20)]
