@@ -385,6 +385,8 @@ def _address_literal(text: str, enhanced: str) -> str:
         except ValueError:
             raise _syntax(enhanced, "invalid IPv4 address literal") from None
     if tag.lower() != "ipv6":
+        if set(inner) <= _IPV6_CHARS:
+            raise _syntax(enhanced, "an IPv6 address literal must be written [IPv6:address]")
         if tag and set(tag) <= _LDH and tag[-1] != "-" and tag[0] != "-":
             raise AddressError(553, enhanced, "general address literals are not accepted")
         raise _syntax(enhanced, "malformed address literal")
