@@ -21,6 +21,7 @@ __all__ = [
     "MAX_V1_LINE",
     "PP2_TYPE_CRC32C",
     "PP2_TYPE_NOOP",
+    "V1_PREFIX",
     "V2_SIGNATURE",
     "ProxyError",
     "ProxyHeader",

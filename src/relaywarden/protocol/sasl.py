@@ -134,7 +134,7 @@ class SaslExchange:
     """One AUTH exchange: start() once, then step() with each client line until Credentials."""
 
     def __init__(self, mechanism: str) -> None:
-        name = mechanism.upper()
+        name = mechanism.upper() if mechanism.isascii() else ""  # "plaın".upper() == "PLAIN"
         if name not in _MECHANISMS:
             raise SaslError(504, "5.5.4", "Unrecognized authentication type")
         self.mechanism = name
