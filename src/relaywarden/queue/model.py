@@ -14,6 +14,7 @@ import concurrent.futures
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Self
 
 VERDICTS = ("local", "forward", "relay")
 BODY_TYPES = ("7BIT", "8BITMIME", "BINARYMIME")
@@ -43,7 +44,7 @@ class RecipientIn:
     address: str  # the normalised recipient address
     original: str  # as the client wrote it
     orcpt: str | None  # DSN ORCPT "rfc822;..." as given (decoded)
-    notify: tuple[str, ...]  # DSN NOTIFY: () when absent, ("NEVER",) or a subset of SUCCESS/FAILURE/DELAY
+    notify: tuple[str, ...]  # DSN NOTIFY: () when absent, ("NEVER",) or SUCCESS/FAILURE/DELAY
     verdict: str  # "local" | "forward" | "relay"
     route: str | None  # route name / next hop decided, None for local delivery
     decision_id: str  # id of the relay decision (hex)
@@ -208,7 +209,7 @@ class QueueBackend(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def __enter__(self) -> QueueBackend:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

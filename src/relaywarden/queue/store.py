@@ -8,8 +8,9 @@ a second server instance) reads or writes the same file.
 A submission's future resolves only after the COMMIT of the transaction that holds it. Each
 write in a group runs inside its own SAVEPOINT, so one bad message fails alone; when sqlite
 rolls the whole transaction back (as it may on a full disk) the writes that fitted are redone
-and the rest of the group fails; a failed COMMIT fails the whole group. SQLITE_FULL (disk or ``max_pages`` reached) becomes ``QueueFull``,
-anything else ``QueueError``; what was committed before is never touched.
+and the rest of the group fails; a failed COMMIT fails the whole group. SQLITE_FULL (disk or
+``max_pages`` reached) becomes ``QueueFull``, anything else ``QueueError``; what was committed
+before is never touched.
 """
 
 from __future__ import annotations
@@ -278,7 +279,10 @@ class SqliteQueue(QueueBackend):
         while len(group) < self.group_max:
             remaining = deadline - time.monotonic()
             try:
-                item = self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait()
+                if remaining > 0:
+                    item = self._inbox.get(timeout=remaining)
+                else:
+                    item = self._inbox.get_nowait()
             except stdlib_queue.Empty:
                 break
             if item is _STOP:
@@ -611,7 +615,9 @@ def _recipient_from_row(row: tuple[Any, ...]) -> QueuedRecipient:
     )
 
 
-def _message_from_row(row: tuple[Any, ...], recipients: tuple[QueuedRecipient, ...]) -> QueuedMessage:
+def _message_from_row(
+    row: tuple[Any, ...], recipients: tuple[QueuedRecipient, ...]
+) -> QueuedMessage:
     (qid, sender, received_at, listener, client_address, client_port, helo, auth_user, tls,
      body_type, smtputf8, dsn_ret, dsn_envid, session_id, hold, size) = row  # fmt: skip
     return QueuedMessage(
