@@ -206,6 +206,10 @@ def message_too_big(limit: int) -> Reply:
     return Reply(552, "5.3.4", f"Message size exceeds the limit of {limit} octets")
 
 
+def data_line_too_long(limit: int) -> Reply:
+    return Reply(552, "5.3.4", f"Message refused: a line is longer than {limit} octets (RFC 5321 4.5.3.1.6)")
+
+
 def too_many_recipients(limit: int) -> Reply:
     return Reply(452, "4.5.3", f"Too many recipients (at most {limit} per message)")
 

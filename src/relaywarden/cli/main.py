@@ -1,0 +1,195 @@
+"""The ``relaywarden`` command: serve, init, check-config, user, explain.
+
+Thin: each command loads what it needs and calls the modules that do the work.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ..config.document import render
+from ..config.loader import ConfigError, LoadedConfig, load_config, load_default
+from ..directory import Directory
+from ..users import UserError, UserStore, hash_password
+
+DATA_ENV = "RELAYWARDEN_DATA"
+
+
+def data_dir_option(f):
+    return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar=DATA_ENV,
+                        default=Path("relaywarden-data"), show_default=True,
+                        help=f"Data directory (queue, event log, users, TLS). Also ${DATA_ENV}.")(f)
+
+
+def config_option(f):
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                        default=None, help="Configuration file (default: the embedded default).")(f)
+
+
+def load(config_path: Path | None) -> LoadedConfig:
+    try:
+        return load_config(config_path) if config_path else load_default()
+    except ConfigError as exc:
+        click.echo(f"relaywarden: invalid configuration {exc.source}:", err=True)
+        for p in exc.problems:
+            click.echo(f"  {p}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="relaywarden")
+def main() -> None:
+    """relaywarden: a mail relay whose every relay decision is explained."""
+
+
+@main.command()
+@config_option
+@data_dir_option
+@click.option("--no-uvloop", is_flag=True, help="Use asyncio's own event loop.")
+def serve(config_path: Path | None, data_dir: Path, no_uvloop: bool) -> None:
+    """Run the server (the embedded default configuration unless --config)."""
+    from ..server.app import run
+
+    loaded = load(config_path)
+    sys.exit(run(loaded, data_dir, use_uvloop=not no_uvloop))
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path), default=Path("relaywarden.toml"))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(path: Path, force: bool) -> None:
+    """Write the default configuration, every key commented, to PATH."""
+    if path.exists() and not force:
+        raise click.ClickException(f"{path} exists; use --force to overwrite it")
+    path.write_text(render(load_default().config), encoding="utf-8")
+    click.echo(f"wrote {path}; check it with: relaywarden check-config {path}")
+
+
+@main.command("check-config")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def check_config(path: Path) -> None:
+    """Validate a configuration file; every error names the file, line, key and fix."""
+    from ..policy.audit import check_startable, open_relay_findings
+
+    loaded = load(path)
+    fails = check_startable(loaded)
+    findings = open_relay_findings(loaded)
+    for f in findings:
+        if f in fails and not loaded.config.server.allow_open_relay:
+            continue
+        click.echo(f"{f.where}: {f.level}: listener {f.listener}: {f.message}\n    fix: {f.fix}")
+    if fails and not loaded.config.server.allow_open_relay:
+        click.echo(f"{path}: refused: this configuration makes an open relay", err=True)
+        for f in fails:
+            click.echo(f"  {f.where}: listener {f.listener}: {f.message}\n    fix: {f.fix}", err=True)
+        sys.exit(2)
+    if fails:
+        click.echo(f"{path}: WARNING: open relay allowed by server.allow_open_relay = true")
+    click.echo(f"{path}: ok ({len(loaded.config.listener)} listeners, {len(loaded.config.domain)} domains, "
+               f"{len(loaded.config.mailbox)} mailboxes, {len(loaded.config.route)} routes)")
+
+
+# --- users ------------------------------------------------------------------------------------
+
+@main.group()
+def user() -> None:
+    """Manage SMTP AUTH users (argon2 hashes in DATA_DIR/users.json)."""
+
+
+def _password(given: str | None, stdin: bool) -> str:
+    if given is not None:
+        return given
+    if stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+
+@user.command("add")
+@click.argument("address")
+@click.option("--password", default=None, help="The password (prefer the prompt or --password-stdin).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--no-relay", is_flag=True, help="Create the user without the relay right.")
+@click.option("--alias", "aliases", multiple=True, help="Another address of this mailbox (repeatable).")
+@data_dir_option
+def user_add(address: str, password: str | None, password_stdin: bool, no_relay: bool, aliases, data_dir: Path) -> None:
+    """Add a user (a mailbox that may authenticate)."""
+    try:
+        UserStore(data_dir).add(address, _password(password, password_stdin), relay=not no_relay, aliases=tuple(aliases))
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"added {address}")
+
+
+@user.command("passwd")
+@click.argument("address")
+@click.option("--password", default=None)
+@click.option("--password-stdin", is_flag=True)
+@data_dir_option
+def user_passwd(address: str, password: str | None, password_stdin: bool, data_dir: Path) -> None:
+    """Set a user's password."""
+    try:
+        UserStore(data_dir).set_password(address, _password(password, password_stdin))
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"password of {address} changed")
+
+
+def _flag_command(name: str, help_text: str, **change):
+    @user.command(name, help=help_text)
+    @click.argument("address")
+    @data_dir_option
+    def cmd(address: str, data_dir: Path) -> None:
+        UserStore(data_dir).update(address, **change)
+        click.echo(f"{address}: {name} done")
+    return cmd
+
+
+_flag_command("disable", "Disable a user: no AUTH, no mail accepted for it.", enabled=False)
+_flag_command("enable", "Enable a user again.", enabled=True)
+_flag_command("suspend-relay", "Suspend a user's relay right (a compromised account).", relay=False)
+_flag_command("enable-relay", "Give a user back its relay right.", relay=True)
+
+
+@user.command("list")
+@config_option
+@data_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def user_list(config_path: Path | None, data_dir: Path, as_json: bool) -> None:
+    """List mailboxes: configuration and user database merged."""
+    directory = Directory.build(load(config_path), UserStore(data_dir).records())
+    rows = [{"address": e.address, "aliases": list(e.aliases), "password": e.password_hash is not None,
+             "enabled": e.enabled, "relay": e.relay, "source": e.source} for e in directory]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("address", "aliases", "password", "enabled", "relay", "source")
+    for r in rows:
+        table.add_row(r["address"], ", ".join(r["aliases"]), "yes" if r["password"] else "no",
+                      "yes" if r["enabled"] else "NO", "yes" if r["relay"] else "SUSPENDED", r["source"])
+    Console().print(table)
+
+
+@user.command("hash")
+@click.option("--password-stdin", is_flag=True)
+def user_hash(password_stdin: bool) -> None:
+    """Print an argon2 hash for a [[mailbox]] password_hash key."""
+    click.echo(hash_password(_password(None, password_stdin)))
+
+
+try:
+    from .explain import explain_command
+    main.add_command(explain_command, "explain")
+except ImportError:
+    pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""The running server: data directory, event log, queue, directory, and one asyncio server per listener.
+
+``Server.start()`` refuses an open-relay configuration (unless ``allow_open_relay``), makes the data
+directory, opens the event log and the queue, loads the user database, prepares TLS, and listens.
+``Server.stop()`` stops accepting, says 421 to idle sessions, lets messages already being
+committed finish, and closes the queue and the log.  ``run()`` is what ``relaywarden serve`` calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ipaddress
+import os
+import signal
+import ssl
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+from ..config.loader import LoadedConfig
+from ..config.schema import Listener, TlsMode
+from ..directory import Directory
+from ..events import EventId, EventLog
+from ..policy.audit import check_startable
+from ..protocol.server import ServerOptions
+from ..queue.store import SqliteQueue
+from ..users import UserStore
+from .session import SmtpSession
+from .tls import ensure_self_signed, server_context
+
+
+class StartError(Exception):
+    """The server cannot start: the message says why and what to change."""
+
+
+class ListenerRuntime:
+    """One listener's live state: its settings, TLS context, sessions and per-client counts."""
+
+    def __init__(self, server: Server, config: Listener, ssl_context: ssl.SSLContext | None):
+        self.server = server
+        self.config = config
+        self.name = config.name
+        self.limits = config.limits
+        self.ssl_context = ssl_context
+        self.sessions: set[SmtpSession] = set()
+        self.per_client: dict[str, int] = {}
+        self.aio_server: asyncio.base_events.Server | None = None
+        self._proxies = [ipaddress.ip_network(n) for n in config.proxy_from]
+        self._options = {
+            tls: ServerOptions(
+                hostname=server.hostname,
+                max_command_line=self.limits.max_command_line,
+                max_data_line=self.limits.max_data_line,
+                max_message_size=self.limits.max_message_size,
+                max_recipients=self.limits.max_recipients,
+                max_errors=self.limits.max_errors,
+                starttls=config.tls == TlsMode.STARTTLS and ssl_context is not None,
+                require_tls=config.require_tls,
+                auth_mechanisms=tuple(config.auth),
+                auth_plaintext=config.auth_plaintext,
+                tls_active=tls,
+            )
+            for tls in (False, True)
+        }
+
+    def options(self, tls_active: bool) -> ServerOptions:
+        return self._options[tls_active]
+
+    def is_proxy(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._proxies)
+
+    @property
+    def bound(self) -> list[tuple[str, int]]:
+        if self.aio_server is None:
+            return []
+        return [s.getsockname()[:2] for s in self.aio_server.sockets]
+
+
+class Server:
+    def __init__(self, loaded: LoadedConfig, data_dir: Path, *, echo=None):
+        self.loaded = loaded
+        self.config = loaded.config
+        self.hostname = self.config.server.hostname
+        self.data_dir = Path(data_dir)
+        self.echo = echo
+        self.auth_failure_delay = self.config.server.auth_failure_delay
+        self.listeners: list[ListenerRuntime] = []
+        self.metrics: Counter[str] = Counter()
+        self.events: EventLog | None = None
+        self.queue: SqliteQueue | None = None
+        self.users = UserStore(self.data_dir)
+        self._users_mtime = -1
+        self.directory = Directory()
+        self.auth_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="argon2")
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+
+    # --- events --------------------------------------------------------------------------------
+
+    def emit(self, event: EventId, session: SmtpSession | None = None, *, text: str, **fields):
+        if self.events is None:
+            return None
+        if session is not None:
+            fields.setdefault("listener", session.rt.name)
+            fields.setdefault("client", session.client[0])
+            fields.setdefault("session", session.id)
+            if session.core is not None and session.core.auth_user:
+                fields.setdefault("user", session.core.auth_user)
+        top = {k: fields.pop(k) for k in ("listener", "client", "user", "session", "message_id") if k in fields}
+        return self.events.emit(event, text=text, **top, **fields)
+
+    def log_error(self, what: str, exc: BaseException) -> None:
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        self.emit(EventId.PROTOCOL_ERROR, text=f"internal error: {what}: {detail}", error=detail)
+
+    # --- directory -----------------------------------------------------------------------------
+
+    def refresh_directory(self) -> None:
+        mtime = self.users.mtime()
+        if mtime != self._users_mtime:
+            self.directory = Directory.build(self.loaded, self.users.records())
+            self._users_mtime = mtime
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        problems = check_startable(self.loaded)
+        if problems and not self.config.server.allow_open_relay:
+            lines = [f"{p.where}: listener {p.listener}: {p.message}\n    fix: {p.fix}" for p in problems]
+            raise StartError("refusing to start: this configuration makes an open relay\n" + "\n".join(lines)
+                             + "\n(set server.allow_open_relay = true only if you really mean it)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.events = EventLog(self.data_dir / "log", max_bytes=self.config.server.event_log_max_bytes,
+                               backups=self.config.server.event_log_backups, echo=self.echo)
+        for p in problems:
+            self.emit(EventId.OPEN_RELAY_ALLOWED, text=(
+                f"OPEN RELAY: listener {p.listener} {p.message} ({p.where}); allowed only because "
+                f"server.allow_open_relay = true. Fix: {p.fix}"), listener=p.listener)
+        self.queue = SqliteQueue(self.data_dir / "queue.sqlite")
+        self.refresh_directory()
+        loop = asyncio.get_running_loop()
+        cert_key = None
+        for lc in self.config.listener:
+            ctx = None
+            if lc.tls != TlsMode.NONE:
+                if lc.certificate:
+                    cert, key = Path(lc.certificate), Path(lc.key)
+                else:
+                    cert_key = cert_key or ensure_self_signed(self.data_dir / "tls", self.hostname)
+                    cert, key = cert_key
+                try:
+                    ctx = server_context(cert, key)
+                except (OSError, ssl.SSLError) as exc:
+                    raise StartError(f"listener {lc.name}: cannot load certificate {cert} / key {key}: {exc}") from None
+            rt = ListenerRuntime(self, lc, ctx)
+            try:
+                rt.aio_server = await loop.create_server(
+                    lambda rt=rt: self._new_session(rt), host=lc.address, port=lc.port,
+                    ssl=ctx if lc.tls == TlsMode.IMPLICIT else None, reuse_address=True,
+                    backlog=1024, start_serving=True)
+            except OSError as exc:
+                await self.stop()
+                raise StartError(f"listener {lc.name}: cannot listen on {lc.address} port {lc.port}: {exc.strerror}") from None
+            self.listeners.append(rt)
+            self.emit(EventId.LISTENER_STARTED, text=f"listener {lc.name} on {lc.address} port {lc.port} (tls {lc.tls.value})",
+                      listener=lc.name, address=lc.address, port=lc.port, tls=lc.tls.value)
+        self.emit(EventId.SERVER_STARTED, text=f"relaywarden started with {len(self.listeners)} listener(s); configuration {self.loaded.file}",
+                  config=self.loaded.file, data_dir=str(self.data_dir), pid=os.getpid())
+        self._tasks.append(asyncio.ensure_future(self._housekeeping()))
+
+    def _new_session(self, rt: ListenerRuntime) -> SmtpSession:
+        self.refresh_directory()
+        return SmtpSession(rt)
+
+    async def _housekeeping(self) -> None:
+        """Once a second: expire idle sessions, flush the event log, notice user changes."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for rt in self.listeners:
+                for s in [s for s in rt.sessions if s.deadline < now]:
+                    s.expire()
+            if self.events:
+                self.events.maybe_flush()
+            try:
+                self.refresh_directory()
+            except Exception as exc:
+                self.log_error("reloading the user database", exc)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for rt in self.listeners:
+            if rt.aio_server is not None:
+                rt.aio_server.close()
+        deadline = time.monotonic() + grace
+        for rt in self.listeners:
+            for s in list(rt.sessions):
+                s.shutdown()
+        # sessions waiting on a queue commit finish first: their clients get the 250 they are owed
+        while any(s.core is not None and s.core.waiting for rt in self.listeners for s in rt.sessions) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for rt in self.listeners:
+            for s in list(rt.sessions):
+                s.shutdown()
+                if s.transport is not None:
+                    s.transport.close()
+        await asyncio.sleep(0)
+        if self.queue is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.queue.close)
+        self.auth_pool.shutdown(wait=False, cancel_futures=True)
+        if self.events is not None:
+            self.emit(EventId.SERVER_STOPPED, text="relaywarden stopped")
+            self.events.close()
+
+
+def install_event_loop_policy() -> str:
+    """uvloop when available (it is measured faster here), else asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def run(loaded: LoadedConfig, data_dir: Path, *, out=sys.stdout, use_uvloop: bool = True) -> int:
+    loop_name = install_event_loop_policy() if use_uvloop else "asyncio"
+
+    def echo(record: dict) -> None:
+        # errors, and warnings about the server itself (open relay, configuration); not per-session noise
+        if record.get("severity") == "error" or (record.get("severity") == "warning" and record["id"] < 1100):
+            print(f"{record['time']} {record['id']} {record['name']}: {record['text']}", file=out, flush=True)
+
+    async def main() -> int:
+        server = Server(loaded, data_dir, echo=echo)
+        try:
+            await server.start()
+        except StartError as exc:
+            print(f"relaywarden: {exc}", file=sys.stderr)
+            return 2
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"relaywarden {loop_name} pid {os.getpid()}; configuration {loaded.file}", file=out)
+        for rt in server.listeners:
+            c = rt.config
+            where = ", ".join(f"{a}:{p}" for a, p in rt.bound)
+            print(f"  listener {c.name:<12} {where:<22} tls={c.tls.value:<9} anonymous={str(c.anonymous).lower():<5} "
+                  f"auth={'+'.join(c.auth) or '-'} relay={'authenticated' if c.allow_authenticated else ''}"
+                  f"{'+list' if c.relay.entries else ''}{'none' if not c.allow_authenticated and not c.relay.entries else ''}",
+                  file=out)
+        print(f"  data   {server.data_dir.resolve()}\n  queue  {server.data_dir.resolve() / 'queue.sqlite'}\n"
+              f"  events {server.data_dir.resolve() / 'log' / 'events.jsonl'}", file=out, flush=True)
+        await stop.wait()
+        print("relaywarden: stopping", file=out, flush=True)
+        await server.stop()
+        return 0
+
+    return asyncio.run(main())
