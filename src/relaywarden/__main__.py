@@ -1,0 +1,5 @@
+"""``python -m relaywarden`` is the ``relaywarden`` command."""
+
+from .cli.main import main
+
+main()

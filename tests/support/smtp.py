@@ -1,0 +1,112 @@
+"""A raw SMTP client over a real socket, for dialog tests: send exact bytes, read exact replies.
+
+``Dialog.run(transcript)`` replays a transcript of lines:
+
+    c: EHLO client.test          the client sends this line (CRLF added)
+    c! DATA\\r\\nhello\\n.\\n       the client sends these exact bytes (Python escapes, nothing added)
+    s: 250 2.1.5                 the server's (last) reply line must start with this
+    s~ 5\\d\\d 5\\.7\\.1              ... or match this regular expression
+    # a comment
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+
+
+class Reply:
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        self.code = int(lines[-1][:3])
+        self.last = lines[-1]
+        self.text = "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Reply({self.text!r})"
+
+
+class SmtpConn:
+    def __init__(self, port: int, host: str = "127.0.0.1", *, timeout: float = 10.0, ssl_context=None,
+                 greeting: bool = True):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        if ssl_context is not None:
+            self.sock = ssl_context.wrap_socket(self.sock, server_hostname="mx.example.test")
+        self.buf = b""
+        self.greeting = self.reply() if greeting else None
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def cmd(self, line: str) -> Reply:
+        self.send(line + "\r\n")
+        return self.reply()
+
+    def _line(self) -> str:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"connection closed; unread: {self.buf!r}")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line.decode("utf-8", "replace")
+
+    def reply(self) -> Reply:
+        lines = [self._line()]
+        while len(lines[-1]) > 3 and lines[-1][3] == "-":
+            lines.append(self._line())
+        return Reply(lines)
+
+    def starttls(self, context: ssl.SSLContext) -> None:
+        r = self.cmd("STARTTLS")
+        assert r.code == 220, r
+        assert not self.buf, f"bytes after 220: {self.buf!r}"
+        self.sock = context.wrap_socket(self.sock, server_hostname="mx.example.test")
+
+    def closed_by_peer(self, timeout: float = 5.0) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self.buf += data
+        except (ConnectionError, ssl.SSLError):
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_dialog(conn: SmtpConn, transcript: str) -> list[Reply]:
+    """Replay a transcript; raise AssertionError naming the line that differed."""
+    replies = []
+    for number, raw in enumerate(transcript.strip("\n").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        tag, body = line[:2], line[2:].lstrip(" ")
+        if tag == "c:":
+            conn.send(body + "\r\n")
+        elif tag == "c!":
+            conn.send(body.encode("latin-1").decode("unicode_escape").encode("latin-1"))
+        elif tag in ("s:", "s~"):
+            r = conn.reply()
+            replies.append(r)
+            ok = r.last.startswith(body) if tag == "s:" else re.match(body, r.last)
+            assert ok, f"dialog line {number}: expected {body!r}, got {r.text!r}"
+        else:
+            raise ValueError(f"dialog line {number}: unknown tag {tag!r}")
+    return replies
