@@ -88,3 +88,36 @@ def _toml(value) -> str:
             return "[" + ", ".join(_toml(v) for v in value) + "]"
         return "[\n" + "".join(f"    {_toml(v)},\n" for v in value) + "]"
     raise TypeError(f"cannot render {value!r}")
+
+
+def render_markdown() -> str:
+    """docs/configuration.md: every table and key with its meaning and default, from the schema."""
+    from .schema import AccessList, Dns, Domain, Limits, Listener, Mailbox, Route, Server
+
+    out = ["# Configuration reference", "",
+           "Generated from `src/relaywarden/config/schema.py` by "
+           "`python -m relaywarden.config.document > docs/configuration.md`; `relaywarden init` writes "
+           "the same descriptions as comments. `relaywarden check-config FILE` validates a file: every "
+           "error names the file, line, key and fix.", ""]
+    tables = [("[server]", Server), ("[[listener]]", Listener), ("[listener.relay] and [listener.connections]", AccessList),
+              ("[listener.limits]", Limits), ("[[domain]]", Domain), ("[[mailbox]]", Mailbox),
+              ("[[route]]", Route), ("[dns]", Dns)]
+    for header, model in tables:
+        out += [f"## `{header}`", "", (model.__doc__ or "").strip(), "", "| key | default | meaning |", "|---|---|---|"]
+        for key, field in model.model_fields.items():
+            default = _default_text(field) or "(table)"
+            desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
+            out.append(f"| `{key}` | `{default}` | {desc} |")
+        out.append("")
+    out += ["## The embedded default", "", "```toml", render(load_default_config()).rstrip(), "```", ""]
+    return "\n".join(out)
+
+
+def load_default_config() -> Config:
+    from .loader import load_default
+
+    return load_default().config
+
+
+if __name__ == "__main__":
+    print(render_markdown(), end="")

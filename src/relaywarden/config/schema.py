@@ -25,9 +25,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -109,6 +109,18 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
 
+def _check_access_entry(entry: str) -> str:
+    text = entry.strip().lower()
+    if not text:
+        raise ValueError("an empty entry: remove it")
+    if _looks_like_ip(text):
+        return parse_network(text).with_prefixlen if "/" in text else str(ipaddress.ip_address(text))
+    return normalise_domain(text.lstrip("."))
+
+
+AccessEntry = Annotated[str, AfterValidator(_check_access_entry)]
+
+
 class AccessList(_Model):
     """A list of clients: IP addresses, CIDR networks (IPv4 and IPv6) and reverse-DNS domains.
 
@@ -119,21 +131,7 @@ class AccessList(_Model):
     """
 
     mode: Mode = Field(Mode.ONLY, description='"only" the entries, or "all-except" the entries.')
-    entries: list[str] = Field(default_factory=list, description="IP addresses, CIDRs and domains.")
-
-    @field_validator("entries")
-    @classmethod
-    def _check_entries(cls, entries: list[str]) -> list[str]:
-        out = []
-        for entry in entries:
-            text = entry.strip().lower()
-            if not text:
-                raise ValueError("an empty entry: remove it")
-            if _looks_like_ip(text):
-                out.append(parse_network(text).with_prefixlen if "/" in text else str(ipaddress.ip_address(text)))
-            else:
-                out.append(normalise_domain(text.lstrip(".")))
-        return out
+    entries: list[AccessEntry] = Field(default_factory=list, description="IP addresses, CIDRs and domains.")
 
     def networks(self) -> list[tuple[str, IPNetwork]]:
         return [(e, ipaddress.ip_network(e, strict=False)) for e in self.entries if _looks_like_ip(e)]

@@ -1,0 +1,95 @@
+"""The configuration: schema validation, errors that name file:line, key and fix; the line map;
+the embedded default and its commented rendering; the generated reference page."""
+
+from pathlib import Path
+
+import pytest
+
+from relaywarden.config.document import render, render_markdown
+from relaywarden.config.loader import ConfigError, load_default, parse_text, scan_lines
+
+BASE = """
+[[listener]]
+name = "mx"
+port = 2525
+"""
+
+
+def errors(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_text(text, "t.toml")
+    return info.value.problems
+
+
+@pytest.mark.parametrize("snippet, line, key, words", [
+    ('[[listener]]\nname = "mx"\nport = 70000\n', 3, "listener[0].port", "less than or equal to 65535"),
+    ('[[listener]]\nname = "mx"\ntls = "startls"\n', 3, "listener[0].tls", "'startls'"),
+    ('[[listener]]\nname = "mx"\nbogus = 1\n', 3, "listener[0].bogus", "unknown key 'bogus'"),
+    ('[[listener]]\nname = "MX!"\n', 2, "listener[0].name", "lower-case"),
+    ('[[listener]]\nname = "mx"\naddress = "1.2.3"\n', 3, "listener[0].address", "not an IPv4 or IPv6 address"),
+    ('[[listener]]\nname = "mx"\n[listener.relay]\nentries = [\n  "10.0.0.0/8",\n  "192.0.2.0/33",\n]\n', 6,
+     "listener[0].relay.entries[1]", "prefix length '33' is not valid for IPv4"),
+    ('[[listener]]\nname = "mx"\n[listener.relay]\nentries = ["10.1.2.3/8"]\n', 4,
+     "listener[0].relay.entries[0]", "host bits set: the network is 10.0.0.0/8"),
+    ('[[listener]]\nname = "mx"\n[listener.relay]\nentries = ["2001:db8::/129"]\n', 4,
+     "listener[0].relay.entries[0]", "not valid for IPv6 (0 to 128)"),
+    ('[[listener]]\nname = "mx"\n[listener.relay]\nmode = "except"\n', 4, "listener[0].relay.mode", "'except'"),
+    (BASE + '[[domain]]\nname = "example.test."\n', 6, "domain[0].name", "trailing dot"),
+    (BASE + '[[domain]]\nname = "a..b"\n', 6, "domain[0].name", "not a valid domain"),
+    (BASE + '[[domain]]\nname = "x.test"\nkind = "relay"\n', 7, "domain[0].kind", "'relay'"),
+    (BASE + '[[mailbox]]\naddress = "nobody"\n', 6, "mailbox[0].address", "local@domain"),
+    (BASE + '[[mailbox]]\naddress = "a@x.test"\npassword_hash = "hunter2"\n', 7, "mailbox[0].password_hash", "never a plaintext"),
+    (BASE + '[[route]]\nname = "r"\nkind = "smarthost"\n', 5, "route[0]", "needs hosts"),
+    ('[[listener]]\nname = "mx"\nauth = ["PLAIN"]\ntls = "none"\n', 1, "listener[0]", "auth_plaintext"),
+    ('[[listener]]\nname = "mx"\nproxy_protocol = true\n', 1, "listener[0]", "proxy_from is empty"),
+])
+def test_errors_name_line_key_and_fix(snippet, line, key, words):
+    problems = errors(snippet)
+    assert any(p.startswith(f"t.toml:{line}: {key}:") and words in p for p in problems), problems
+
+
+def test_cross_checks():
+    assert any("used twice" in p for p in errors(BASE + BASE.replace("2525", "2526")))
+    assert any("belongs to two mailboxes" in p for p in errors(
+        BASE + '[[domain]]\nname = "x.test"\n[[mailbox]]\naddress = "a@x.test"\n[[mailbox]]\naddress = "b@x.test"\naliases = ["A@x.test"]\n'))
+    assert any("route 'nope' does not exist" in p for p in errors(BASE + '[[domain]]\nname = "x.test"\nroute = "nope"\n'))
+    assert any("no [[listener]]" in p for p in errors("[server]\n"))
+
+
+def test_toml_syntax_error_names_file():
+    assert errors("[[listener]\n")[0].startswith("t.toml: TOML syntax error")
+
+
+def test_line_map_follows_array_tables_and_multiline_arrays():
+    text = '[[listener]]\nname = "a"\n[listener.relay]\nentries = [\n  "10.0.0.0/8", # x\n  "192.0.2.1",\n]\n[[listener]]\nname = "b"\nallow_authenticated = true\n'
+    lines = scan_lines(text)
+    assert lines[("listener", 0)] == 1
+    assert lines[("listener", 0, "relay", "entries", 0)] == 5
+    assert lines[("listener", 0, "relay", "entries", 1)] == 6
+    assert lines[("listener", 1, "allow_authenticated")] == 10
+
+
+def test_idn_domains_are_stored_as_a_labels():
+    loaded = parse_text(BASE + '[[domain]]\nname = "bücher.example"\n', "t.toml")
+    assert loaded.config.domain[0].name == "xn--bcher-kva.example"
+
+
+def test_embedded_default_is_safe_and_round_trips():
+    loaded = load_default()
+    cfg = loaded.config
+    assert [(l.name, l.port) for l in cfg.listener] == [("mx", 2525), ("submission", 2587)]
+    mx, sub = cfg.listener
+    assert mx.anonymous and not mx.relay.entries and not mx.allow_authenticated
+    assert not sub.anonymous and sub.allow_authenticated and sub.auth == ["PLAIN", "LOGIN"] and not sub.auth_plaintext
+    assert cfg.domain[0].name == "example.test" and cfg.mailbox[0].address == "postmaster@example.test"
+    rendered = render(cfg)
+    again = parse_text(rendered, "rendered.toml")
+    assert again.config == cfg
+    # every key of a listener is written with its meaning
+    assert "# Accept mail from clients that did not authenticate" in rendered
+    assert "Default: false." in rendered
+
+
+def test_reference_page_is_up_to_date():
+    page = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert page.read_text() == render_markdown(), "run: python -m relaywarden.config.document > docs/configuration.md"
