@@ -4,7 +4,7 @@ This module owns the question "can an unauthenticated stranger relay through thi
 or is it one mistake away from that?".  ``open_relay_findings`` returns every finding (``fail``:
 the configuration is an open relay; ``warn``: a risk or a KB 895853 scenario waiting to happen),
 each with the listener, the file:line that causes it and the fix.  ``check_startable`` returns
-the fails that stop ``serve`` and ``check-config`` unless ``server.allow_open_relay = true``.
+the fails, which stop ``serve`` and ``check-config`` unless ``server.allow_open_relay = true``.
 ``doctor`` shows the same findings.  Pure: reads only the loaded configuration.
 """
 
@@ -41,11 +41,9 @@ class Finding:
 
 
 def check_startable(loaded: LoadedConfig) -> list[Finding]:
-    """The open-relay fails that stop ``serve``; empty when there are none or when
-    ``server.allow_open_relay = true`` (the server then logs each fail of
-    ``open_relay_findings`` as event OPEN_RELAY_ALLOWED at every start)."""
-    if loaded.config.server.allow_open_relay:
-        return []
+    """The open-relay fails: ``serve`` and ``check-config`` refuse the configuration when this is
+    not empty, unless ``server.allow_open_relay = true``; then the server starts and logs each
+    one as event OPEN_RELAY_ALLOWED at every start."""
     return [f for f in open_relay_findings(loaded) if f.level == FAIL]
 
 
