@@ -110,3 +110,20 @@ def run_dialog(conn: SmtpConn, transcript: str) -> list[Reply]:
         else:
             raise ValueError(f"dialog line {number}: unknown tag {tag!r}")
     return replies
+
+
+def queued_id(reply: Reply) -> str:
+    """The queue id from a "250 2.0.0 ... queued as ID" reply."""
+    m = re.search(r"queued as ([0-9A-Za-z]+)", reply.last)
+    assert m, f"not a queued reply: {reply.text!r}"
+    return m.group(1)
+
+
+def read_queued(data_dir, queue_id: str):
+    """(QueuedMessage or None, data bytes or None) for a queue id, read from the server's queue file."""
+    from pathlib import Path
+
+    from relaywarden.queue.store import SqliteQueue
+
+    with SqliteQueue(Path(data_dir) / "queue.sqlite") as q:
+        return q.get(queue_id), q.message_data(queue_id)
