@@ -47,13 +47,15 @@ class State(Enum):
 
 # Which commands each state accepts.  Anything else there is answered 503 5.5.1.
 ALLOWED: dict[State, frozenset[str]] = {
-    State.CONNECTED: frozenset({"EHLO", "HELO", "NOOP", "RSET", "QUIT", "HELP", "VRFY", "STARTTLS"}),
+    State.CONNECTED: frozenset({"EHLO", "HELO", "NOOP", "RSET", "QUIT", "HELP", "VRFY"}),
     State.READY: frozenset({"EHLO", "HELO", "MAIL", "NOOP", "RSET", "QUIT", "HELP", "VRFY", "STARTTLS", "AUTH"}),
     State.MAIL: frozenset({"EHLO", "HELO", "RCPT", "NOOP", "RSET", "QUIT", "HELP", "VRFY"}),
     State.RCPT: frozenset({"EHLO", "HELO", "RCPT", "DATA", "BDAT", "NOOP", "RSET", "QUIT", "HELP", "VRFY"}),
 }
 KNOWN = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY",
                    "HELP", "STARTTLS", "AUTH", "EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML"})
+# Known but deliberately not offered (EXPN would disclose lists; the rest are obsolete): 502 5.5.1.
+NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML"})
 
 MAX_SASL_LINE = 12288
 _HELO_NAME = re.compile(r"^(\[[0-9A-Za-z:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]{0,253}))$")
@@ -385,6 +387,9 @@ class SmtpServer:
             return
         if verb not in KNOWN:
             self._error(status.unrecognised_command(), "syntax", verb[:20])
+            return
+        if verb in NOT_IMPLEMENTED:
+            self._cmd_unimplemented(verb, arg)      # 502 in every state, never "bad sequence"
             return
         allowed = ALLOWED.get(self.state, frozenset())
         if verb not in allowed:
