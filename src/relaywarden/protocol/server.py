@@ -398,9 +398,9 @@ class SmtpServer:
         getattr(self, "_cmd_" + verb.lower(), self._cmd_unimplemented)(verb, arg)
 
     def _utf8_allowed(self, verb: str, arg: str) -> bool:
-        if verb == "MAIL":
-            return bool(re.search(r"(?i)(^|\s)SMTPUTF8(\s|$)", arg))
-        if verb == "RCPT" or verb == "VRFY":
+        if verb in ("MAIL", "RCPT"):
+            return True     # the path parser decides: a UTF-8 address without SMTPUTF8 is 553 5.6.7
+        if verb == "VRFY":
             return bool(self.envelope and self.envelope.smtputf8)
         return False
 
