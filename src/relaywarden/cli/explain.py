@@ -87,7 +87,10 @@ def explain_command(listener: str, client: str, rdns: str | None, user: str | No
         _print_session(out, loaded, facts, sender_text)
         for decision in decisions:
             _print_decision(out, decision, stage)
-        verdict = "some recipients refused" if refused else "all recipients accepted"
+        if stage != "rcpt":
+            verdict = "refused at MAIL FROM" if stage == "mail" else "connection refused"
+        else:
+            verdict = "some recipients refused" if refused else "all recipients accepted"
         out.print(f"[bold]{verdict}[/]")
     sys.exit(EXIT_REFUSED if refused else EXIT_ACCEPTED)
 
