@@ -532,7 +532,7 @@ def _not_accepted(trace: _Trace, directory: Directory, rcpt: RecipientAddress) -
     allowed, hit = relay_list_allows(trace.listener, trace.facts, loaded=trace.loaded)
     trace.rules.append(hit)
     if allowed:
-        return _relay(trace, domain, f"{hit.detail}")
+        return _relay(trace, domain, hit.detail)
     if trace.facts.auth_user is not None:
         return _authenticated_relay(trace, directory, domain, reason)
     return _relay_denied(trace, domain, reason)
