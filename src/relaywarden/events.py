@@ -88,6 +88,8 @@ class EventId(IntEnum):
     RECIPIENT_UNKNOWN = 1720
     RECIPIENT_ACCEPTED = 1721
     ADDRESS_REFUSED = 1722
+    POLICY_ERROR = 1723
+    TLS_REQUIRED = 1724
     # 3000-3099 queue
     MESSAGE_QUEUED = 3001
     QUEUE_ERROR = 3002
@@ -339,6 +341,23 @@ _DEFINITIONS: tuple[EventDef, ...] = (
         "containing @, or an address literal. Spammers probe for these; no action is needed. "
         "If one of your own applications sends such addresses, correct its configuration.",
         ("command", "address", "reason", "reply"),
+    ),
+    EventDef(
+        EventId.POLICY_ERROR, _E, "Relay decision failed closed",
+        "The relay decision for a recipient raised an internal error, so the recipient was "
+        "refused with 451 4.3.0 (fail closed: an error never accepts). The sender retries. "
+        "The record names the error; it usually means configuration or user data the decision "
+        "could not handle, such as a damaged user database. Run relaywarden check-config and "
+        "relaywarden explain with the same inputs, and report the error if they pass.",
+        ("error", "sender", "recipient"),
+    ),
+    EventDef(
+        EventId.TLS_REQUIRED, _I, "TLS required before MAIL",
+        "A client sent MAIL without STARTTLS on a listener with require_tls = true and was "
+        "answered 530 5.7.0. Clients that support STARTTLS retry with it; one that does not "
+        "cannot use this listener. If an old device must send here, give it a listener "
+        "without require_tls and with a relay list entry for its address only.",
+        ("reply",),
     ),
     EventDef(
         EventId.MESSAGE_QUEUED, _I, "Message queued",

@@ -51,11 +51,8 @@ __all__ = [
 
 _DECISION_ID = re.compile(r"[0-9a-f]{6,12}")
 
-# The event of a decision that failed closed on an internal error.  The catalog has no dedicated
-# id yet (one was asked for as POLICY_ERROR); until it lands the record goes out as a
-# configuration warning, since a failing pure decision means configuration or directory data it
-# cannot handle.
-_POLICY_ERROR_EVENT: EventId = getattr(EventId, "POLICY_ERROR", EventId.CONFIG_WARNING)
+# The event of a decision that failed closed on an internal error.
+_POLICY_ERROR_EVENT = EventId.POLICY_ERROR
 
 
 class RecipientAddress(Protocol):
@@ -354,7 +351,7 @@ def _mail_refusal(trace: _Trace) -> Decision | None:
         where = trace.at_listener("require_tls")
         trace.hit("require-tls", f"listener {name} requires STARTTLS before MAIL and the "
                   "session is not encrypted", where)
-        return trace.refuse(status.tls_required(), EventId.PROTOCOL_ERROR,
+        return trace.refuse(status.tls_required(), EventId.TLS_REQUIRED,
                             f"listener {name} requires TLS and the client sent MAIL without "
                             "STARTTLS", "configure the client to use STARTTLS; or, if it cannot, "
                             f"set require_tls = false on listener {name} ({where})")
