@@ -287,7 +287,7 @@ CASES = [
     ("sub-auth-percent-hack", "main", "submission", STRANGER, None, True, ALICE, "user%evil.example@example.test", X, 550, "5.7.1", ROUTING),
     ("sub-anonymous", "main", "submission", STRANGER, None, True, None, "bob@example.org", X, 530, "5.7.0", AUTH_REQUIRED),
     ("sub-anonymous-local", "main", "submission", STRANGER, None, True, None, "alice@example.test", X, 530, "5.7.0", AUTH_REQUIRED),
-    ("sub-no-tls", "main", "submission", STRANGER, None, False, ALICE, "bob@example.org", X, 530, "5.7.0", EventId.PROTOCOL_ERROR),
+    ("sub-no-tls", "main", "submission", STRANGER, None, False, ALICE, "bob@example.org", X, 530, "5.7.0", EventId.TLS_REQUIRED),
     ("sub-relay-suspended", "main", "submission", STRANGER, None, True, "bob@example.test", "x@example.org", X, 550, "5.7.1", DENIED_AUTH),
     ("sub-relay-suspended-local-ok", "main", "submission", STRANGER, None, True, "bob@example.test", "alice@example.test", L, 250, "2.1.5", ACCEPTED),
     ("sub-disabled-user", "main", "submission", STRANGER, None, True, "carol@example.test", "x@example.org", X, 550, "5.7.1", DENIED_AUTH),
