@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import sys
+from pathlib import Path as FsPath
 from typing import NoReturn
 
 import click
@@ -22,6 +23,7 @@ from rich.markup import escape
 
 from ..config.loader import ConfigError, LoadedConfig, load_config, load_default
 from ..directory import Directory
+from ..users import UserError, UserStore
 from ..policy.relay import (
     Decision,
     SessionFacts,
@@ -51,10 +53,13 @@ _STYLE = {"local": "green", "forward": "green", "relay": "yellow", "refuse": "bo
 @click.option("--to", "recipients", required=True, multiple=True, help="RCPT TO address; repeat for more recipients.")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="Configuration file (default: the embedded default configuration).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=FsPath), envvar="RELAYWARDEN_DATA",
+              default=FsPath("relaywarden-data"), show_default=True,
+              help="Data directory whose user database (users.json) overlays the configuration's mailboxes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the decisions as JSON.")
 def explain_command(listener: str, client: str, rdns: str | None, user: str | None, tls: bool,
                     sender: str, recipients: tuple[str, ...], config_path: str | None,
-                    as_json: bool) -> None:
+                    data_dir: FsPath, as_json: bool) -> None:
     """Explain the relay decision for a session: verdict, reply, event, rules with file:line, fix.
 
     Example: relaywarden explain --listener mx --client 203.0.113.9 --from a@x.org --to b@y.org
@@ -62,10 +67,15 @@ def explain_command(listener: str, client: str, rdns: str | None, user: str | No
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     loaded = _load(config_path, err)
     _check_session(loaded, listener, client, err)
-    directory = Directory.build(loaded)
+    try:
+        directory = Directory.build(loaded, UserStore(data_dir).records())
+    except UserError as exc:
+        err.print(f"relaywarden: {exc}")
+        sys.exit(2)
     warnings = []
     if user is not None and directory.login(user) is None:
         warnings.append(f"no mailbox in {loaded.file} has the login {user}; "
+                        f"nor in the user database of {data_dir}; "
                         "the decision treats it as an unknown authenticated user")
     sender_text = _parse_sender(sender, err)
     facts = SessionFacts(listener=listener, client_address=client, client_rdns=rdns, tls=tls,
