@@ -110,6 +110,7 @@ class QueuedRecipient:
     next_attempt_at: float | None  # None once the state is final
     last_attempt_at: float | None
     last_result: DeliveryResult | None  # None before the first attempt
+    delay_warned: bool = False  # a delay DSN went out for this recipient
 
     @property
     def domain(self) -> str:

@@ -86,6 +86,7 @@ CREATE TABLE IF NOT EXISTS recipient (
     remote_text     TEXT,
     remote_command  TEXT,
     permanent       INTEGER,
+    delay_warned    INTEGER NOT NULL DEFAULT 0,   -- a delay DSN was sent for this recipient
     UNIQUE (message_id, position)
 );
 CREATE INDEX IF NOT EXISTS recipient_state ON recipient(state);
@@ -104,7 +105,7 @@ _MESSAGE_COLUMNS = (
 _RECIPIENT_COLUMNS = (
     "id, address, original, orcpt, notify, verdict, route, decision_id, state, attempts,"
     " next_attempt_at, last_attempt_at, reply_code, enhanced_code, remote_host, remote_address,"
-    " remote_text, remote_command, permanent"
+    " remote_text, remote_command, permanent, delay_warned"
 )
 
 
@@ -352,16 +353,30 @@ class SqliteQueue(QueueBackend):
         next_attempt_at: float | None,
         attempted_at: float | None = None,
     ) -> bool:
+        return bool(self.record_attempt_later(
+            queue_id, recipient_id, result, next_attempt_at=next_attempt_at,
+            attempted_at=attempted_at).result())
+
+    def record_attempt_later(
+        self,
+        queue_id: str,
+        recipient_id: int,
+        result: DeliveryResult,
+        *,
+        next_attempt_at: float | None,
+        attempted_at: float | None = None,
+    ) -> concurrent.futures.Future[int]:
+        """Like record_attempt, without waiting: the future resolves after the commit."""
         when = time.time() if attempted_at is None else attempted_at
-        return bool(
-            self._wait(
-                _Write(
-                    lambda conn: _update_recipient(
-                        conn, queue_id, recipient_id, result, next_attempt_at, when
-                    )
-                )
-            )
+        return self._enqueue(
+            _Write(lambda conn: _update_recipient(conn, queue_id, recipient_id, result, next_attempt_at, when))
         )
+
+    def mark_delay_warned(self, queue_id: str, recipient_ids: list[int]) -> concurrent.futures.Future[int]:
+        """Remember that a delay DSN went out for these recipients (sent once per recipient)."""
+        sql = "UPDATE recipient SET delay_warned = 1 WHERE message_id = ? AND id = ?"
+        return self._enqueue(_Write(
+            lambda c: sum(c.execute(sql, (queue_id, rid)).rowcount for rid in recipient_ids)))
 
     def set_hold(self, queue_id: str, hold: bool) -> bool:
         sql = "UPDATE message SET hold = ? WHERE id = ?"
@@ -586,7 +601,8 @@ def _select_recipients(
 
 def _recipient_from_row(row: tuple[Any, ...]) -> QueuedRecipient:
     (rid, address, original, orcpt, notify, verdict, route, decision_id, state, attempts,
-     next_at, last_at, code, enhanced, host, addr, text, command, permanent) = row  # fmt: skip
+     next_at, last_at, code, enhanced, host, addr, text, command, permanent,
+     delay_warned) = row  # fmt: skip
     result = None
     if last_at is not None:
         result = DeliveryResult(
@@ -612,6 +628,7 @@ def _recipient_from_row(row: tuple[Any, ...]) -> QueuedRecipient:
         next_attempt_at=next_at,
         last_attempt_at=last_at,
         last_result=result,
+        delay_warned=bool(delay_warned),
     )
 
 
