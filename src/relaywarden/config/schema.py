@@ -318,6 +318,23 @@ class Dns(_Model):
     timeout: float = Field(5.0, gt=0, description="Seconds per query.")
 
 
+class Delivery(_Model):
+    """How queued mail leaves: concurrency, retries, lifetime, delay notices."""
+
+    enabled: bool = Field(True, description="Deliver queued mail. Off: the server only accepts and queues (for maintenance).")
+    max_concurrency: int = Field(50, ge=1, le=10_000, description="Deliveries in progress at once, in all.")
+    max_per_destination: int = Field(10, ge=1, le=1000, description="Deliveries in progress at once to one next hop (route or domain).")
+    min_backoff: float = Field(300.0, gt=0, description="Seconds before the first retry after a temporary failure; doubled after each further failure.")
+    max_backoff: float = Field(14400.0, gt=0, description="Longest wait between two attempts (seconds).")
+    max_lifetime: float = Field(5 * 86400.0, gt=0, description="Seconds a message may stay in the queue; then its recipients fail with 5.4.7 and an NDR goes to the sender.")
+    delay_warning: float | None = Field(4 * 3600.0, description="Seconds after which a delay notice (DSN 'delayed') is sent once per recipient that asked for it; unset: never.")
+    connect_timeout: float = Field(30.0, gt=0, description="Seconds to wait for a TCP connection to a next hop.")
+    command_timeout: float = Field(300.0, gt=0, description="Seconds to wait for each reply of a next hop (RFC 5321 4.5.3.2 suggests 2-10 minutes).")
+    poll_interval: float = Field(1.0, gt=0, le=60, description="Seconds between looks at the queue for due mail (new mail is picked up at once).")
+    helo_name: str | None = Field(None, description="Name sent in EHLO to next hops; unset: server.hostname.")
+    mailbox_root: str | None = Field(None, description="Directory of the local Maildirs; unset: DATA_DIR/mail.")
+
+
 class Server(_Model):
     """Server-wide settings."""
 
@@ -337,6 +354,7 @@ class Config(_Model):
     mailbox: list[Mailbox] = Field(default_factory=list, description="Mailboxes ([[mailbox]] tables).")
     route: list[Route] = Field(default_factory=list, description="Routes ([[route]] tables).")
     dns: Dns = Field(default_factory=Dns)
+    delivery: Delivery = Field(default_factory=Delivery)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
