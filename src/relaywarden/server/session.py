@@ -54,6 +54,9 @@ class SmtpSession(asyncio.Protocol):
         self.refused = 0
         self.last_refusal: str | None = None
         self._proxy_buf: bytearray | None = None
+        # Decrypted bytes that arrive after the handshake but before _starttls() resumes
+        # (a fast client's first command can come with its Finished message): kept, not lost.
+        self._tls_early: bytearray | None = None
         self._counted = False
         self._ended = False
 
@@ -111,6 +114,9 @@ class SmtpSession(asyncio.Protocol):
             else self.rt.limits.command_timeout)
         if self._proxy_buf is not None:
             self._proxy_header(data)
+            return
+        if self._tls_early is not None:
+            self._tls_early += data
             return
         if self.core is None:
             return
@@ -301,11 +307,13 @@ class SmtpSession(asyncio.Protocol):
 
     async def _starttls(self) -> None:
         loop = asyncio.get_running_loop()
+        self._tls_early = bytearray()
         try:
             new = await asyncio.wait_for(
                 loop.start_tls(self.transport, self, self.rt.ssl_context, server_side=True),
                 timeout=self.rt.limits.command_timeout)
         except Exception as exc:
+            self._tls_early = None
             self.server.emit(EventId.TLS_HANDSHAKE_FAILED, self, text=f"TLS handshake with {self.client[0]} failed: {exc!r}")
             if self.transport:
                 self.transport.abort()
@@ -313,7 +321,10 @@ class SmtpSession(asyncio.Protocol):
             return
         self.transport = new
         self.tls_info = describe(new.get_extra_info("ssl_object"))
+        early, self._tls_early = bytes(self._tls_early or b""), None
         self.core.tls_started()
+        if early:
+            self.core.receive(early)
         self._pump()
 
     def _message(self, ev: core.MessageReceived) -> None:
