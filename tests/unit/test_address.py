@@ -770,3 +770,10 @@ def test_long_valid_parameter_list_parses() -> None:
     path = parse_mail_from(f"<a@b.test> {params}")
     assert len(path.params) == 20_000
     assert time.perf_counter() - started < 2.0
+
+
+def test_long_keyword_is_not_echoed_in_full() -> None:
+    keyword = "K" * 5000
+    error = refused(parse_mail_from, f"<a@b.test> {keyword}=1 {keyword}=2")
+    assert "duplicate" in error.reason
+    assert len(error.reason) < 100

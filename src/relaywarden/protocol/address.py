@@ -534,6 +534,11 @@ def _split_path(arg: str, enhanced: str) -> tuple[str, str]:
 # ESMTP parameters
 
 
+def _named(keyword: str) -> str:
+    """The keyword for a reply text: already validated LDH, shortened if long."""
+    return keyword if len(keyword) <= 20 else keyword[:20] + "..."
+
+
 def _check_keyword(keyword: str) -> None:
     if not keyword:
         raise _param_error("empty parameter keyword")
@@ -550,9 +555,9 @@ def _tokenise_params(text: str) -> dict[str, str | None]:
         _check_keyword(keyword)
         keyword = keyword.upper()
         if equals and not value:
-            raise _param_error(f"empty value for parameter {keyword}")
+            raise _param_error(f"empty value for parameter {_named(keyword)}")
         if keyword in params:
-            raise _param_error(f"duplicate parameter {keyword}")
+            raise _param_error(f"duplicate parameter {_named(keyword)}")
         params[keyword] = value if equals else None
     return params
 
@@ -564,11 +569,11 @@ def _check_param_values(params: dict[str, str | None], utf8: bool) -> None:
         for char in value:
             if char.isascii():
                 if not ("!" <= char <= "~") or char == "=":
-                    raise _param_error(f"malformed value for parameter {keyword}")
+                    raise _param_error(f"malformed value for parameter {_named(keyword)}")
             elif not utf8:
-                raise _param_error(f"non-ASCII value for parameter {keyword} requires SMTPUTF8")
+                raise _param_error(f"non-ASCII value for parameter {_named(keyword)} requires SMTPUTF8")
             elif not _unicode_allowed(char):
-                raise _param_error(f"malformed value for parameter {keyword}")
+                raise _param_error(f"malformed value for parameter {_named(keyword)}")
 
 
 def _smtputf8_requested(params: dict[str, str | None], offered: bool) -> bool:
