@@ -348,24 +348,28 @@ class SmtpServer:
                     self._command(line)
 
     def _read_line(self) -> bytes | None:
+        """The next complete line, or None when there is none yet.  Over-long lines are answered
+        and skipped here, and reading goes on with whatever was pipelined after them."""
         limit = MAX_SASL_LINE if self.state is State.AUTH else self.opt.max_command_line
-        idx = self._in.find(b"\n")
-        if idx < 0:
-            if len(self._in) > limit:
-                if not self._discard_line:
-                    self._discard_line = True
-                    self._error(status.line_too_long(limit), "line-length")
-                self._in.clear()
-            return None
-        raw = bytes(self._in[: idx + 1])
-        del self._in[: idx + 1]
-        if self._discard_line:
-            self._discard_line = False
-            return None
-        if len(raw) > limit:
-            self._error(status.line_too_long(limit), "line-length")
-            return None
-        return raw
+        while self.state is not State.CLOSED:
+            idx = self._in.find(b"\n")
+            if idx < 0:
+                if len(self._in) > limit:
+                    if not self._discard_line:
+                        self._discard_line = True
+                        self._error(status.line_too_long(limit), "line-length")
+                    self._in.clear()
+                return None
+            raw = bytes(self._in[: idx + 1])
+            del self._in[: idx + 1]
+            if self._discard_line:
+                self._discard_line = False
+                continue
+            if len(raw) > limit:
+                self._error(status.line_too_long(limit), "line-length")
+                continue
+            return raw
+        return None
 
     def _command(self, raw: bytes) -> None:
         if not raw.endswith(b"\r\n") or b"\r" in raw[:-2]:
