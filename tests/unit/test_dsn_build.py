@@ -16,7 +16,14 @@ import pytest
 from flufl.bounce import all_failures, scan_message
 
 from relaywarden.dsn.build import build_ndr, cause_for, split_original, wants_notice
-from relaywarden.dsn.causes import CAUSES, RULES, describe_enhanced, explain_status, status_for
+from relaywarden.dsn.causes import (
+    CAUSES,
+    RULES,
+    causes_markdown,
+    describe_enhanced,
+    explain_status,
+    status_for,
+)
 from relaywarden.queue.model import DeliveryResult, QueuedMessage, QueuedRecipient
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "ndr.md"
@@ -497,3 +504,5 @@ def test_docs_list_every_cause_with_its_sentence_and_fix() -> None:
         assert words(cause.sentence) in docs, cause.key
         assert words(cause.fix) in docs, cause.key
     assert re.search(r"Content-Type: multipart/report; report-type=\"?delivery-status", docs)
+    # The cause section is generated: regenerate with `python -m relaywarden.dsn.causes`.
+    assert causes_markdown() in DOCS.read_text(encoding="utf-8")

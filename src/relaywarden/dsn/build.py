@@ -249,10 +249,12 @@ def _original_summary(original: bytes) -> tuple[str, str, str]:
     headers, _ = split_original(original)
     try:
         parsed = BytesHeaderParser(policy=email_policy.default).parsebytes(headers)
-        values = tuple(_one_line(str(parsed.get(name, "") or "")) for name in ("Subject", "Date", "Message-ID"))
+        subject, date, message_id = (
+            _one_line(str(parsed.get(name, "") or "")) for name in ("Subject", "Date", "Message-ID")
+        )
     except Exception:  # a header block too broken to parse still gets its NDR
         return "", "", ""
-    return values  # type: ignore[return-value]
+    return subject, date, message_id
 
 
 # --- the human part ---------------------------------------------------------------------------

@@ -103,7 +103,12 @@ def _set(*items: str) -> frozenset[str]:
     return frozenset(items)
 
 
-def _re(pattern: str) -> re.Pattern[str]:
+_HINTS: dict[str, str] = {}
+
+
+def _re(pattern: str, hint: str) -> re.Pattern[str]:
+    """A case-insensitive pattern for reply texts, with the words the docs show for it."""
+    _HINTS[pattern] = hint
     return re.compile(pattern, re.IGNORECASE)
 
 
@@ -307,36 +312,62 @@ PROTOCOL_ERROR = Cause(
 _RELAY = _re(
     r"unable to relay|relay(ing)? (access )?(is )?(denied|not (permitted|allowed)|prohibited|refused)"
     r"|not (permitted|allowed|authori[sz]ed) to relay|we do not relay|no relaying|rcpthosts"
-    r"|relay not permitted|relay access"
+    r"|relay not permitted|relay access",
+    '"Unable to relay", "Relay access denied", "rcpthosts"',
 )
 _AUTH = _re(
     r"not authenticated|authentication (is )?required|must authenticate|authenticate first"
-    r"|auth(entication)? needed|sender not authenticated|requires? auth"
+    r"|auth(entication)? needed|sender not authenticated|requires? auth",
+    '"not authenticated", "authentication required"',
 )
 _TLS_REMOTE = _re(
     r"must issue a starttls|starttls (is )?required|must (use|issue|run) starttls|encryption required"
-    r"|tls (is )?required|requires? (tls|encryption)|secure connection required"
+    r"|tls (is )?required|requires? (tls|encryption)|secure connection required",
+    '"Must issue a STARTTLS command first", "TLS required"',
 )
-_TLS_NOT_OFFERED = _re(r"starttls.*not (offered|supported|available)|(not|no) (offer|support)\w* starttls|tls (handshake )?failed|handshake")
-_CERT = _re(r"certificate|verif(y|ication) failed|self[- ]signed|hostname mismatch")
+_TLS_NOT_OFFERED = _re(
+    r"starttls.*not (offered|supported|available)|(not|no) (offer|support)\w* starttls"
+    r"|tls (handshake )?failed|handshake",
+    '"did not offer STARTTLS", "TLS handshake failed"',
+)
+_CERT = _re(
+    r"certificate|verif(y|ication) failed|self[- ]signed|hostname mismatch",
+    '"certificate verify failed", "self-signed"',
+)
 _BLOCKLIST = _re(
-    r"spamhaus|spamcop|barracuda|sorbs|block ?list|black ?list|blocked using|\brbl\b|dnsbl|"
-    r"listed (at|in|on|by)|reputation|poor reputation"
+    r"spamhaus|spamcop|barracuda|sorbs|block ?list|black ?list|blocked using|\brbl\b|dnsbl"
+    r"|listed (at|in|on|by)|reputation",
+    'a block list name, "blocked using", "listed", "reputation"',
 )
-_SENDER_AUTH = _re(r"\bspf\b|\bdkim\b|\bdmarc\b|sender policy framework")
-_CONTENT = _re(r"spam|virus|malware|phish|content|attachment|message (rejected|refused|blocked)|policy|filter|suspicious")
+_SENDER_AUTH = _re(r"\bspf\b|\bdkim\b|\bdmarc\b|sender policy framework", '"SPF", "DKIM", "DMARC"')
+_CONTENT = _re(
+    r"spam|virus|malware|phish|content|attachment|message (rejected|refused|blocked)|policy|filter"
+    r"|suspicious",
+    '"spam", "virus", "content", "policy", "message rejected"',
+)
 _UNKNOWN_USER = _re(
-    r"user unknown|unknown user|no such (user|mailbox|recipient)|mailbox (unavailable|not found)|"
-    r"does not exist|doesn't exist|unknown recipient|recipient (address )?rejected|invalid recipient|"
-    r"address rejected|not a valid mailbox|mailbox not found|no mailbox"
+    r"user unknown|unknown user|no such (user|mailbox|recipient)|mailbox (unavailable|not found)"
+    r"|does not exist|doesn't exist|unknown recipient|recipient (address )?rejected|invalid recipient"
+    r"|address rejected|not a valid mailbox|no mailbox",
+    '"User unknown", "no such user", "does not exist"',
 )
-_MAILBOX_FULL = _re(r"quota|mailbox (is )?full|over ?quota|insufficient (disk )?space|out of storage")
-_TOO_BIG = _re(r"too (big|large)|size (limit|exceed)|exceeds? .*size|message size|maximum size")
-_LOOP = _re(r"\bloop|too many hops|hop count")
-_EXPIRED = _re(r"expired|too long in (the )?queue|delivery time|queue lifetime")
-_DNS = _re(r"\bdns\b|resolv|nxdomain|no address|name (or service )?not known|servfail|lookup")
-_NULL_MX = _re(r"null mx")
-_NO_MX = _re(r"no mx|no mail exchanger|unroutable|no route")
+_MAILBOX_FULL = _re(
+    r"quota|mailbox (is )?full|insufficient (disk )?space|out of storage", '"quota", "mailbox full"'
+)
+_TOO_BIG = _re(
+    r"too (big|large)|size (limit|exceed)|exceeds? .*size|message size|maximum size",
+    '"too big", "message size exceeds"',
+)
+_LOOP = _re(r"\bloop|too many hops|hop count", '"loop", "too many hops"')
+_EXPIRED = _re(
+    r"expired|too long in (the )?queue|delivery time|queue lifetime", '"expired", "too long in queue"'
+)
+_DNS = _re(
+    r"\bdns\b|resolv|nxdomain|no address|name (or service )?not known|servfail|lookup",
+    '"DNS", "NXDOMAIN", "SERVFAIL", "lookup"',
+)
+_NULL_MX = _re(r"null mx", '"null MX"')
+_NO_MX = _re(r"no mx|no mail exchanger|unroutable|no route", '"no MX", "unroutable", "no route"')
 
 _5XX = _set("5xx")
 _NONE = _set("none")
@@ -372,10 +403,11 @@ RULES: tuple[Rule, ...] = (
     Rule(RELAY_DENIED, enhanced=_set("x.7.1", "x.7.64"), pattern=_RELAY),
     # Other policy refusals.
     Rule(BLOCKLISTED, codes=_5XX | _set("4xx"), pattern=_BLOCKLIST),
-    Rule(BLOCKLISTED, enhanced=_set("x.7.1", "x.7.0", "x.7.*"), pattern=_BLOCKLIST),
-    Rule(SENDER_AUTH, enhanced=_set("x.7.23", "x.7.24", "x.7.25", "x.7.26", "x.7.27", "x.7.20", "x.7.21", "x.7.22")),
+    Rule(BLOCKLISTED, enhanced=_set("x.7.*"), pattern=_BLOCKLIST),
+    # RFC 7372: X.7.20-X.7.27 are DKIM, SPF and DMARC results.
+    Rule(SENDER_AUTH, enhanced=frozenset(f"x.7.{n}" for n in range(20, 28))),
     Rule(SENDER_AUTH, codes=_5XX | _set("4xx"), pattern=_SENDER_AUTH),
-    Rule(CONTENT_REJECTED, enhanced=_set("x.7.1", "x.7.0", "x.7.*"), pattern=_CONTENT),
+    Rule(CONTENT_REJECTED, enhanced=_set("x.7.*"), pattern=_CONTENT),
     Rule(CONTENT_REJECTED, enhanced=_set("x.6.0"), pattern=_CONTENT),
     Rule(CONTENT_REJECTED, codes=_5XX, pattern=_CONTENT, commands=_set("DATA", "BDAT")),
     Rule(SENDER_REJECTED, enhanced=_set("x.1.7", "x.1.8")),
@@ -391,11 +423,12 @@ RULES: tuple[Rule, ...] = (
     Rule(DNS_FAILURE, enhanced=_set("x.4.3")),
     Rule(CONNECTION_FAILED, enhanced=_set("x.4.1", "x.4.2")),
     # Replies without an enhanced code (older servers) recognised by their words.
-    Rule(MAILBOX_FULL, codes=_set("452", "552", "4xx", "5xx"), pattern=_MAILBOX_FULL),
-    Rule(TOO_BIG, codes=_set("552", "554", "5xx"), pattern=_TOO_BIG),
+    Rule(MAILBOX_FULL, codes=_set("4xx", "5xx"), pattern=_MAILBOX_FULL),
+    Rule(TOO_BIG, codes=_5XX, pattern=_TOO_BIG),
     Rule(EXPIRED, codes=_5XX | _NONE, pattern=_EXPIRED),
     Rule(UNROUTABLE, codes=_5XX | _NONE, pattern=_NO_MX),
-    Rule(UNKNOWN_USER, codes=_set("550", "551", "553", "554"), pattern=_UNKNOWN_USER, commands=_set("RCPT", "")),
+    Rule(UNKNOWN_USER, codes=_set("550", "551", "553", "554"), pattern=_UNKNOWN_USER,
+         commands=_set("RCPT", "")),
     Rule(SENDER_REJECTED, codes=_5XX, commands=_set("MAIL")),
     # No SMTP reply at all.
     Rule(DNS_FAILURE, codes=_NONE, pattern=_DNS),
@@ -500,7 +533,9 @@ def describe_enhanced(enhanced: str) -> str:
     return f"{_CLASSES[klass]}; {what} ({enhanced})"
 
 
-def status_for(code: int | None, enhanced: str | None, text: str = "", *, permanent: bool | None = None) -> str:
+def status_for(
+    code: int | None, enhanced: str | None, text: str = "", *, permanent: bool | None = None
+) -> str:
     """The RFC 3463 status of a reply: its enhanced code when it is valid and agrees with the
     basic code, one found in the text ("... (#5.7.1)"), else derived from the basic code (5xx ->
     5.0.0, 4xx -> 4.0.0). With no reply at all, ``permanent`` picks 5.0.0 or 4.0.0."""
@@ -541,7 +576,9 @@ def _short_meaning(status: str) -> str:
     return what[0].upper() + what[1:]
 
 
-def explain_status(code: int | None, enhanced: str | None, text: str = "", command: str | None = None) -> Cause:
+def explain_status(
+    code: int | None, enhanced: str | None, text: str = "", command: str | None = None
+) -> Cause:
     """The real cause of a reply, with the sentence for the sender and the fix.
 
     ``code`` is the basic SMTP reply code or None when no reply was received; ``enhanced`` the
@@ -557,3 +594,32 @@ def explain_status(code: int | None, enhanced: str | None, text: str = "", comma
         if rule.matches(code, effective, text, command):
             return rule.cause.with_status(status)
     return _fallback(status, code).with_status(status)
+
+
+def causes_markdown() -> str:
+    """The cause table as Markdown, for docs/ndr.md (``python -m relaywarden.dsn.causes``)."""
+    out = ["| Cause | Matched when (any line; the table order in causes.py decides) |", "|---|---|"]
+    for cause in CAUSES:
+        conditions = "<br>".join(_describe_rule(r) for r in RULES if r.cause.key == cause.key)
+        out.append(f"| `{cause.key}` {cause.label} | {conditions} |")
+    for cause in CAUSES:
+        out += ["", f"### `{cause.key}`: {cause.label}", "", f"**Says:** {cause.sentence}", "",
+                f"**Fix:** {cause.fix}"]
+    return "\n".join(out) + "\n"
+
+
+def _describe_rule(rule: Rule) -> str:
+    parts = []
+    if rule.codes:
+        parts.append("reply " + "/".join(sorted("no reply" if c == "none" else c for c in rule.codes)))
+    if rule.enhanced:
+        parts.append("status " + "/".join(sorted(rule.enhanced)))
+    if rule.pattern is not None:
+        parts.append("text like " + _HINTS.get(rule.pattern.pattern, "the pattern in causes.py"))
+    if rule.commands:
+        parts.append("answering " + "/".join(sorted(c or "(unknown)" for c in rule.commands)))
+    return ", ".join(parts)
+
+
+if __name__ == "__main__":
+    print(causes_markdown(), end="")
