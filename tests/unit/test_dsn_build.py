@@ -292,13 +292,36 @@ def test_connection_failure_names_the_host_and_has_no_smtp_diagnostic() -> None:
     assert "No SMTP reply from mx.example.org [192.0.2.10]" in human.get_content()
 
 
+def test_expiry_says_our_server_gave_up_and_keeps_the_last_attempt() -> None:
+    text = "Delivery time expired after 5 days; last attempt: mx.example.org: 451 4.3.0 try later"
+    raw = ndr([rcpt(res=result(550, "5.4.7", text, "RCPT"))])
+    assert raw is not None
+    _, human, status, _ = parts(raw)
+    block = status_blocks(status)[1]
+    assert (block["Status"], block["Diagnostic-Code"]) == ("5.4.7", f"smtp; 550 5.4.7 {text}")
+    body = human.get_content()
+    assert "Our server gave up (last host tried: mx.example.org [192.0.2.10]):" in body
+    assert "Remote host" not in body
+    assert "Delivery time expired" in body
+
+
+def test_delay_warning_promises_a_failure_notice_only_when_one_will_come() -> None:
+    res = result(451, "4.3.0", "Try again later")
+    default = ndr([], [rcpt(state="deferred", res=res)], action="delayed")
+    delay_only = ndr([], [rcpt(state="deferred", res=res, notify=("DELAY",))], action="delayed")
+    assert default is not None and delay_only is not None
+    assert "You will be told if it finally fails" in parts(default)[1].get_content()
+    assert "You will be told" not in parts(delay_only)[1].get_content()
+
+
 def test_local_failure_without_remote_host_has_no_remote_mta() -> None:
-    res = result(552, "5.2.2", "Mailbox full", "DELIVER", host=None, address=None)
+    res = result(552, "5.2.2", "Mailbox full", "LOCAL", host=None, address=None)
     raw = ndr([rcpt(res=res)])
     assert raw is not None
     block = status_blocks(parts(raw)[2])[1]
     assert block["Remote-MTA"] is None
     assert block["Status"] == "5.2.2"
+    assert "Local delivery answered:" in parts(raw)[1].get_content()
 
 
 # --- who gets a notice ------------------------------------------------------------------------

@@ -274,21 +274,32 @@ def _recipient_text(recipient: QueuedRecipient, action: Action) -> list[str]:
         if original and original.lower() != recipient.address.lower():
             lines.append(f"    (originally addressed to <{original}>)")
     lines.append(f"    {verb}: {cause.label} (status {_status(recipient, action)})")
-    remote = _remote_mta(result)
     if result is not None:
-        where = remote or "our server"
-        if remote and result.remote_address and result.remote_host:
-            where = f"{result.remote_host} [{result.remote_address}]"
-        if result.reply_code is not None:
-            after = f" in reply to {result.command}" if result.command else ""
-            lines.append(f"    Remote host {where} said{after}:")
-            lines.extend(_para((diagnostic_code(result) or "").removeprefix("smtp; "), "        "))
-        else:
-            lines.append(f"    No SMTP reply from {where}:" if remote else "    Our server reported:")
-            lines.extend(_para(_one_line(result.remote_text) or "(no details)", "        "))
+        lines.extend(_reply_lines(result, cause))
     lines.extend(_para("What happened: " + cause.sentence, "    "))
     lines.extend(_para("What to do: " + cause.fix, "    "))
     return lines
+
+
+def _reply_lines(result: DeliveryResult, cause: Cause) -> list[str]:
+    """Who answered what: the remote host and its reply, or what our server saw."""
+    remote = _remote_mta(result)
+    where = remote or "our server"
+    if remote and result.remote_address and result.remote_host:
+        where = f"{result.remote_host} [{result.remote_address}]"
+    said = (diagnostic_code(result) or "").removeprefix("smtp; ").removeprefix("X-relaywarden; ")
+    if cause.key == "expired":
+        head = f"Our server gave up (last host tried: {where}):" if remote else "Our server gave up:"
+    elif (result.command or "").upper() == "LOCAL":
+        head = "Local delivery answered:"
+    elif result.reply_code is not None:
+        after = f" in reply to {result.command}" if result.command else ""
+        head = f"Remote host {where} said{after}:"
+    elif remote:
+        head = f"No SMTP reply from {where}:"
+    else:
+        head = "Our server reported:"
+    return [f"    {head}", *_para(said or "(no details)", "        ")]
 
 
 def _human_text(
@@ -315,8 +326,9 @@ def _human_text(
         lead = "It has also not" if action == "failed" else "Your message has not"
         lines += ([""] if action == "failed" else []) + _para(
             f"{lead} been delivered yet to {_count(delayed)}. Our server is still trying and "
-            f"will keep trying{until}; you do not need to send it again. You will be told if "
-            "it finally fails."
+            f"will keep trying{until}; you do not need to send it again."
+            + (" You will be told if it finally fails."
+               if all(wants_notice(r, "failed") for r in delayed) else "")
         )
     subject, date, message_id = _original_summary(original)
     lines.append("")
