@@ -1,18 +1,28 @@
 """Dialogs for every SMTP command of RFC 5321: the good path, syntax errors and bad sequences.
 
-One shared server (``default_server``); each test opens its own connection on the mx listener.
+One shared server (``srv``, delivery off); each test opens its own connection on the mx listener.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.support.smtp import SmtpConn, queued_id, read_queued, run_dialog
+from tests.support.server import DEFAULT_CONFIG
+from tests.support.smtp import SmtpConn, queue_only_server, queued_id, read_queued, run_dialog
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, cert_files):
+    """The test default configuration (listeners mx and submission, user alice), delivery off."""
+    server = queue_only_server(tmp_path_factory.mktemp("commands") / "srv", DEFAULT_CONFIG, cert_files=cert_files,
+                               users={"alice@example.test": "correct horse"})
+    yield server
+    server.stop()
 
 
 @pytest.fixture
-def mx(default_server):
-    with SmtpConn(default_server.ports["mx"]) as c:
+def mx(srv):
+    with SmtpConn(srv.ports["mx"]) as c:
         yield c
 
 
@@ -64,7 +74,7 @@ def test_address_literal_in_ehlo(mx):
     """)
 
 
-def test_full_transaction_is_queued(default_server, mx):
+def test_full_transaction_is_queued(srv, mx):
     replies = run_dialog(mx, """
         c: EHLO client.example.org
         s: 250
@@ -83,11 +93,11 @@ def test_full_transaction_is_queued(default_server, mx):
         s~ 250 2\\.0\\.0 .*queued as
     """)
     qid = queued_id(replies[-1])
-    msg, data = read_queued(default_server.data_dir, qid)
+    msg, data = read_queued(srv.data_dir, qid)
     assert msg.sender == "sender@example.org"
     assert [r.address for r in msg.recipients] == ["alice@example.test", "postmaster@example.test"]
     assert data.endswith(b"Subject: commands\r\n\r\n.a line that starts with a dot\r\n")
-    default_server.wait_for_event(lambda e: e["id"] == 3001 and e.get("message_id") == qid)
+    srv.wait_for_event(lambda e: e["id"] == 3001 and e.get("message_id") == qid)
 
 
 def test_null_sender_and_postmaster_without_domain(mx):
@@ -265,7 +275,7 @@ def test_data_with_argument_is_a_syntax_error(mx):
     """)
 
 
-def test_unknown_command_is_500_and_logged(default_server, mx):
+def test_unknown_command_is_500_and_logged(srv, mx):
     run_dialog(mx, """
         c: XYZZY plugh
         s: 500 5.5.1
@@ -274,7 +284,7 @@ def test_unknown_command_is_500_and_logged(default_server, mx):
         c: FOOBARCMD
         s: 500 5.5.1
     """)
-    default_server.wait_for_event(lambda e: e["id"] == 1105 and e["fields"].get("detail") == "FOOBARCMD")
+    srv.wait_for_event(lambda e: e["id"] == 1105 and e["fields"].get("detail") == "FOOBARCMD")
 
 
 @pytest.mark.parametrize("line", ["EXPN staff", "TURN", "ETRN example.test", "SEND FROM:<a@b.c>",
@@ -313,7 +323,7 @@ def test_quit_closes(mx):
     assert mx.closed_by_peer(5.0)
 
 
-def test_quit_in_transaction_discards_it(default_server, mx):
+def test_quit_in_transaction_discards_it(srv, mx):
     run_dialog(mx, """
         c: EHLO quitter.example.org
         s: 250
@@ -325,7 +335,7 @@ def test_quit_in_transaction_discards_it(default_server, mx):
         s: 221 2.0.0
     """)
     assert mx.closed_by_peer(5.0)
-    summary = default_server.wait_for_event(
+    summary = srv.wait_for_event(
         lambda e: e["id"] == 1109 and e["fields"].get("helo") == "quitter.example.org")
     assert summary["fields"]["messages"] == 0
     assert summary["fields"]["accepted"] == 1

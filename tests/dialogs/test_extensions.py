@@ -1,21 +1,31 @@
 """Dialogs for the ESMTP extensions: PIPELINING, SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, DSN.
 
 STARTTLS and AUTH are in test_tls_auth.py, CHUNKING (BDAT) in test_pipelining_bdat.py.  One shared
-server (``default_server``); what was acknowledged is read back from the queue.
+server (``srv``, delivery off); what was acknowledged is read back from the queue.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.support.smtp import SmtpConn, queued_id, read_queued, run_dialog
+from tests.support.server import DEFAULT_CONFIG
+from tests.support.smtp import SmtpConn, queue_only_server, queued_id, read_queued, run_dialog
 
 DEFAULT_SIZE = 35 * 1024 * 1024
 
 
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, cert_files):
+    """The test default configuration (listeners mx and submission, user alice), delivery off."""
+    server = queue_only_server(tmp_path_factory.mktemp("extensions") / "srv", DEFAULT_CONFIG, cert_files=cert_files,
+                               users={"alice@example.test": "correct horse"})
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def mx(default_server):
-    with SmtpConn(default_server.ports["mx"]) as c:
+def mx(srv):
+    with SmtpConn(srv.ports["mx"]) as c:
         yield c
 
 
@@ -53,7 +63,7 @@ def test_enhanced_status_codes_on_every_reply_after_ehlo(mx):
         assert r.last[4].isdigit() and r.last[5] == ".", r
 
 
-def test_pipelined_transaction_in_one_write(default_server, mx):
+def test_pipelined_transaction_in_one_write(srv, mx):
     mx.send("EHLO pipeliner.example.org\r\n"
             "MAIL FROM:<sender@example.org>\r\n"
             "RCPT TO:<alice@example.test>\r\n"
@@ -67,7 +77,7 @@ def test_pipelined_transaction_in_one_write(default_server, mx):
     done, rset, noop, quit_ = (mx.reply() for _ in range(4))
     assert done.last.startswith("250 2.0.0") and "queued as" in done.last
     assert (rset.last[:9], noop.last[:9], quit_.last[:9]) == ("250 2.0.0", "250 2.0.0", "221 2.0.0")
-    msg, _ = read_queued(default_server.data_dir, queued_id(done))
+    msg, _ = read_queued(srv.data_dir, queued_id(done))
     assert [r.address for r in msg.recipients] == ["alice@example.test", "postmaster@example.test"]
 
 
@@ -95,7 +105,7 @@ def test_size_declared(mx):
     """)
 
 
-def test_8bitmime(default_server, mx):
+def test_8bitmime(srv, mx):
     replies = run_dialog(mx, """
         c: EHLO client.example.org
         s: 250
@@ -117,13 +127,13 @@ def test_8bitmime(default_server, mx):
     mx.send("Subject: caf\xc3\xa9\r\n\r\n\xe2\x82\xac 8-bit body\r\n.\r\n".encode("latin-1"))
     done = mx.reply()
     assert done.last.startswith("250 2.0.0"), done
-    msg, data = read_queued(default_server.data_dir, queued_id(done))
+    msg, data = read_queued(srv.data_dir, queued_id(done))
     assert msg.body_type == "8BITMIME"
     assert data.endswith("Subject: café\r\n\r\n€ 8-bit body\r\n".encode())
     assert replies[0].code == 250
 
 
-def test_smtputf8_addresses_only_with_the_parameter(default_server, mx):
+def test_smtputf8_addresses_only_with_the_parameter(srv, mx):
     run_dialog(mx, """
         c: EHLO client.example.org
         s: 250
@@ -147,7 +157,7 @@ def test_smtputf8_addresses_only_with_the_parameter(default_server, mx):
     """)
     done = mx.reply()
     assert done.last.startswith("250 2.0.0"), done
-    msg, data = read_queued(default_server.data_dir, queued_id(done))
+    msg, data = read_queued(srv.data_dir, queued_id(done))
     assert msg.sender == "jörg@example.org"
     assert msg.smtputf8 is True
     assert b"with UTF8SMTP id" in data
@@ -166,7 +176,7 @@ def test_smtputf8_takes_no_value_and_needs_ehlo(mx):
     """)
 
 
-def test_dsn_parameters_are_kept_with_the_message(default_server, mx):
+def test_dsn_parameters_are_kept_with_the_message(srv, mx):
     replies = run_dialog(mx, """
         c: EHLO client.example.org
         s: 250
@@ -183,7 +193,7 @@ def test_dsn_parameters_are_kept_with_the_message(default_server, mx):
         c: .
         s: 250 2.0.0
     """)
-    msg, _ = read_queued(default_server.data_dir, queued_id(replies[-1]))
+    msg, _ = read_queued(srv.data_dir, queued_id(replies[-1]))
     assert (msg.dsn_ret, msg.dsn_envid) == ("HDRS", "batch+42")
     alice, postmaster = msg.recipients
     assert alice.notify == ("SUCCESS", "FAILURE")
@@ -192,7 +202,7 @@ def test_dsn_parameters_are_kept_with_the_message(default_server, mx):
     assert postmaster.orcpt is None
 
 
-def test_dsn_ret_full(default_server, mx):
+def test_dsn_ret_full(srv, mx):
     replies = run_dialog(mx, """
         c: EHLO client.example.org
         s: 250
@@ -205,7 +215,7 @@ def test_dsn_ret_full(default_server, mx):
         c: .
         s: 250 2.0.0
     """)
-    msg, _ = read_queued(default_server.data_dir, queued_id(replies[-1]))
+    msg, _ = read_queued(srv.data_dir, queued_id(replies[-1]))
     assert msg.dsn_ret == "FULL" and msg.dsn_envid is None
     assert msg.recipients[0].notify == ("DELAY",)
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.support.server import RelayServer
-from tests.support.smtp import SmtpConn, queued_id, read_queued, run_dialog
+from tests.support.smtp import SmtpConn, queue_only_server, queued_id, read_queued, run_dialog
 
 LIMITS_CONFIG = """
 [server]
@@ -74,8 +74,7 @@ address = "dave@example.test"
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    server = RelayServer(LIMITS_CONFIG, tmp_path_factory.mktemp("limits") / "srv")
-    server.start()
+    server = queue_only_server(tmp_path_factory.mktemp("limits") / "srv", LIMITS_CONFIG)
     yield server
     server.stop()
 

@@ -1,6 +1,6 @@
 """Dialogs for STARTTLS (trustme certificates) and SMTP AUTH PLAIN / LOGIN on the submission listener.
 
-The shared ``default_server`` has listener ``mx`` (anonymous, STARTTLS offered, no AUTH) and
+The shared ``srv`` has listener ``mx`` (anonymous, STARTTLS offered, no AUTH) and
 ``submission`` (require_tls, anonymous off, AUTH PLAIN LOGIN after TLS, authenticated relay) and
 the user alice@example.test with password "correct horse".
 """
@@ -12,7 +12,8 @@ import base64
 import pytest
 
 from relaywarden.protocol.sasl import client_plain
-from tests.support.smtp import SmtpConn, queued_id, read_queued, run_dialog
+from tests.support.server import DEFAULT_CONFIG
+from tests.support.smtp import SmtpConn, queue_only_server, queued_id, read_queued, run_dialog
 
 USER, PASSWORD = "alice@example.test", "correct horse"
 
@@ -21,15 +22,24 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, cert_files):
+    """The test default configuration (listeners mx and submission, user alice), delivery off."""
+    server = queue_only_server(tmp_path_factory.mktemp("tls_auth") / "srv", DEFAULT_CONFIG, cert_files=cert_files,
+                               users={"alice@example.test": "correct horse"})
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def mx(default_server):
-    with SmtpConn(default_server.ports["mx"]) as c:
+def mx(srv):
+    with SmtpConn(srv.ports["mx"]) as c:
         yield c
 
 
 @pytest.fixture
-def submission(default_server):
-    with SmtpConn(default_server.ports["submission"]) as c:
+def submission(srv):
+    with SmtpConn(srv.ports["submission"]) as c:
         yield c
 
 
@@ -49,7 +59,7 @@ def extension_names(reply) -> list[str]:
 
 # --- STARTTLS ----------------------------------------------------------------------------------
 
-def test_starttls_resets_the_session(default_server, mx, client_tls):
+def test_starttls_resets_the_session(srv, mx, client_tls):
     first = mx.cmd("EHLO client.example.org")
     assert "STARTTLS" in extension_names(first)
     mx.starttls(client_tls)
@@ -74,7 +84,7 @@ def test_starttls_resets_the_session(default_server, mx, client_tls):
         s: 250 2.0.0
     """)
     assert "STARTTLS" not in extension_names(replies[1])
-    msg, data = read_queued(default_server.data_dir, queued_id(replies[-1]))
+    msg, data = read_queued(srv.data_dir, queued_id(replies[-1]))
     assert msg.tls is not None and msg.tls.startswith("TLSv1.")
     received = data.split(b"\r\n\r\n", 1)[0].decode()
     assert received.startswith("Received: from client.example.org ([127.0.0.1])")
@@ -110,7 +120,7 @@ def test_starttls_with_argument_is_a_syntax_error(mx):
     """)
 
 
-def test_failed_handshake_is_logged_and_closed(default_server, mx):
+def test_failed_handshake_is_logged_and_closed(srv, mx):
     run_dialog(mx, """
         c: EHLO client.example.org
         s: 250
@@ -119,12 +129,12 @@ def test_failed_handshake_is_logged_and_closed(default_server, mx):
         c: this is not a TLS client hello
     """)
     assert mx.closed_by_peer(10.0)
-    default_server.wait_for_event(lambda e: e["id"] == 1103)
+    srv.wait_for_event(lambda e: e["id"] == 1103)
 
 
 # --- AUTH before TLS ------------------------------------------------------------------------------
 
-def test_submission_before_tls(default_server, submission):
+def test_submission_before_tls(srv, submission):
     r = submission.cmd("EHLO client.example.org")
     names = extension_names(r)
     assert "STARTTLS" in names and not any(n.startswith("AUTH") for n in names)
@@ -134,7 +144,7 @@ def test_submission_before_tls(default_server, submission):
         c: MAIL FROM:<{USER}>
         s: 530 5.7.0 Must issue a STARTTLS command first
     """)
-    default_server.wait_for_event(lambda e: e["id"] == 1712 and e.get("listener") == "submission")
+    srv.wait_for_event(lambda e: e["id"] == 1712 and e.get("listener") == "submission")
 
 
 def test_mx_has_no_auth(mx, client_tls):
@@ -158,15 +168,15 @@ def test_submission_after_tls_offers_auth(submission, client_tls):
     assert "STARTTLS" not in extension_names(r)
 
 
-def test_anonymous_mail_on_submission_is_530(default_server, submission_tls):
+def test_anonymous_mail_on_submission_is_530(srv, submission_tls):
     run_dialog(submission_tls, """
         c: MAIL FROM:<sender@example.org>
         s: 530 5.7.0
     """)
-    default_server.wait_for_event(lambda e: e["id"] == 1713 and e.get("listener") == "submission")
+    srv.wait_for_event(lambda e: e["id"] == 1713 and e.get("listener") == "submission")
 
 
-def test_auth_plain_then_relay_to_an_external_domain(default_server, submission_tls):
+def test_auth_plain_then_relay_to_an_external_domain(srv, submission_tls):
     replies = run_dialog(submission_tls, f"""
         c: AUTH PLAIN {client_plain(USER, PASSWORD)}
         s: 235 2.7.0
@@ -188,13 +198,13 @@ def test_auth_plain_then_relay_to_an_external_domain(default_server, submission_
         s: 250 2.0.0
     """)
     assert not any(n.startswith("AUTH") for n in extension_names(replies[2]))
-    msg, data = read_queued(default_server.data_dir, queued_id(replies[-1]))
+    msg, data = read_queued(srv.data_dir, queued_id(replies[-1]))
     assert msg.auth_user == USER
     assert msg.listener == "submission"
     assert msg.tls is not None
     assert [(r.address, r.verdict) for r in msg.recipients] == [("friend@example.net", "relay")]
     assert b"with ESMTPSA id" in data
-    event = default_server.wait_for_event(lambda e: e["id"] == 1708 and e["fields"].get("method") == "PLAIN")
+    event = srv.wait_for_event(lambda e: e["id"] == 1708 and e["fields"].get("method") == "PLAIN")
     assert event["user"] == USER
     assert event["client"] == "127.0.0.1"
     assert event["listener"] == "submission"
@@ -209,7 +219,7 @@ def test_auth_plain_with_empty_initial_response_prompt(submission_tls):
     """)
 
 
-def test_auth_login(default_server, submission_tls):
+def test_auth_login(srv, submission_tls):
     run_dialog(submission_tls, f"""
         c: AUTH LOGIN
         s: 334 VXNlcm5hbWU6
@@ -218,7 +228,7 @@ def test_auth_login(default_server, submission_tls):
         c: {b64(PASSWORD)}
         s: 235 2.7.0
     """)
-    event = default_server.wait_for_event(lambda e: e["id"] == 1708 and e["fields"].get("method") == "LOGIN")
+    event = srv.wait_for_event(lambda e: e["id"] == 1708 and e["fields"].get("method") == "LOGIN")
     assert event["user"] == USER
 
 
@@ -231,7 +241,7 @@ def test_auth_login_with_initial_response(submission_tls):
     """)
 
 
-def test_wrong_password(default_server, submission_tls):
+def test_wrong_password(srv, submission_tls):
     run_dialog(submission_tls, f"""
         c: AUTH PLAIN {client_plain(USER, "wrong horse")}
         s: 535 5.7.8
@@ -241,12 +251,12 @@ def test_wrong_password(default_server, submission_tls):
         c: AUTH PLAIN {client_plain(USER, PASSWORD)}
         s: 235 2.7.0
     """)
-    event = default_server.wait_for_event(
+    event = srv.wait_for_event(
         lambda e: e["id"] == 1711 and e["fields"].get("reason") == "wrong password")
     assert event["user"] == USER
 
 
-def test_unknown_user(default_server, submission_tls):
+def test_unknown_user(srv, submission_tls):
     run_dialog(submission_tls, f"""
         c: AUTH LOGIN
         s: 334
@@ -255,7 +265,7 @@ def test_unknown_user(default_server, submission_tls):
         c: {b64("guess")}
         s: 535 5.7.8
     """)
-    event = default_server.wait_for_event(lambda e: e["id"] == 1711 and e.get("user") == "mallory@example.test")
+    event = srv.wait_for_event(lambda e: e["id"] == 1711 and e.get("user") == "mallory@example.test")
     assert event["fields"]["reason"] == "no such user"
     assert event["fields"]["method"] == "LOGIN"
 
@@ -298,14 +308,14 @@ def test_auth_syntax_errors(submission_tls):
     """)
 
 
-def test_authenticated_state_is_forgotten_on_new_connection(submission_tls, default_server):
+def test_authenticated_state_is_forgotten_on_new_connection(submission_tls, srv):
     run_dialog(submission_tls, f"""
         c: AUTH PLAIN {client_plain(USER, PASSWORD)}
         s: 235 2.7.0
         c: QUIT
         s: 221 2.0.0
     """)
-    with SmtpConn(default_server.ports["submission"]) as again:
+    with SmtpConn(srv.ports["submission"]) as again:
         run_dialog(again, """
             c: EHLO client.example.org
             s: 250

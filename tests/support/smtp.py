@@ -127,3 +127,21 @@ def read_queued(data_dir, queue_id: str):
 
     with SqliteQueue(Path(data_dir) / "queue.sqlite") as q:
         return q.get(queue_id), q.message_data(queue_id)
+
+
+# Dialog tests read back what the server acknowledged, so its queue runner must not deliver (and
+# remove) the messages meanwhile, nor look up the MX of a relayed domain outside loopback.
+NO_DELIVERY = "\n[delivery]\nenabled = false\n"
+
+
+def queue_only_server(directory, config: str, *, cert_files=None, users: dict[str, str] | None = None):
+    """Start a RelayServer on ``config`` with delivery off; the caller stops it."""
+    from tests.support.server import RelayServer
+
+    cert, key = cert_files if cert_files else (None, None)
+    srv = RelayServer(config + NO_DELIVERY, directory, cert=cert, key=key)
+    for address, password in (users or {}).items():
+        r = srv.run_cli("user", "add", address, "--password-stdin", "--data-dir", str(srv.data_dir),
+                        input=password + "\n")
+        assert r.returncode == 0, r.stderr
+    return srv.start()
