@@ -25,9 +25,8 @@ from tests.support.smtp import SmtpConn
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 BATTERY_HELO = "battery.relaytest.example.net"
-# Pause after the TLS handshake before the first command: a command that reaches the server in
-# the same read as the client's Finished is lost (see test_smuggling.py, the STARTTLS race).
-TLS_SETTLE = 0.3
+# Delivery stays off: what is queued stays readable, and no test reaches beyond loopback.
+NO_DELIVERY = "\n[delivery]\nenabled = false\n"
 
 RELAY_LIST_CONFIG = """
 [server]
@@ -64,7 +63,7 @@ aliases = ["a.lice@example.test"]
 name = "default"
 domains = ["*"]
 kind = "mx"
-"""
+""" + NO_DELIVERY
 
 DOMAIN_KINDS_CONFIG = """
 [server]
@@ -117,7 +116,7 @@ hosts = ["192.0.2.26:25"]
 name = "default"
 domains = ["*"]
 kind = "mx"
-"""
+""" + NO_DELIVERY
 
 
 # --- running the battery --------------------------------------------------------------------
@@ -132,7 +131,6 @@ def run_attempt(port: int, host: str, attempt: RelayAttempt, *,
         assert c.cmd(f"EHLO {BATTERY_HELO}").code == 250
         if tls is not None:
             c.starttls(tls)
-            time.sleep(TLS_SETTLE)
             assert c.cmd(f"EHLO {BATTERY_HELO}").code == 250
         mail = c.cmd(mail_cmd)
         rcpt = c.cmd(rcpt_cmd) if mail.code < 400 else None
@@ -224,7 +222,7 @@ def test_outcome_classifies_replies():
 
 @pytest.fixture(scope="module")
 def default_srv(tmp_path_factory, cert_files):
-    srv = RelayServer(DEFAULT_CONFIG, tmp_path_factory.mktemp("battery-default") / "srv",
+    srv = RelayServer(DEFAULT_CONFIG + NO_DELIVERY, tmp_path_factory.mktemp("battery-default") / "srv",
                       cert=cert_files[0], key=cert_files[1])
     srv.start()
     yield srv
