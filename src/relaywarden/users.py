@@ -119,7 +119,7 @@ class UserStore:
             if key in users:
                 raise UserError(f"{address} already exists; use `relaywarden user passwd` to change its password")
             rec = UserRecord(address=address, password_hash=hash_password(password) if password else None,
-                             enabled=True, relay=relay, aliases=tuple(aliases))
+                             enabled=True, relay=relay, aliases=tuple(aliases) if aliases else None)
             users[key] = _row(rec)
         return rec
 

@@ -283,6 +283,7 @@ class Route(_Model):
     domains: list[str] = Field(default_factory=lambda: ["*"], description='Destination domains: exact ("example.org"), wildcard ("*.example.org") or "*" for the default route.')
     kind: RouteKind = Field(RouteKind.MX, description='"mx": look up the MX records of the destination; "smarthost": send to `hosts` in order.')
     hosts: list[str] = Field(default_factory=list, description='Smarthosts as "host" or "host:port" (port 25 by default).')
+    port: int = Field(25, ge=1, le=65535, description="Port of the MX hosts of a kind = \"mx\" route (25 on the Internet; another port for tests or a private network).")
     tls: RouteTls = Field(RouteTls.OPPORTUNISTIC, description='"none", "opportunistic" (STARTTLS when offered) or "required" (verified certificate, else defer).')
     ca_file: str | None = Field(None, description="CA bundle for verifying the next hop when tls = required (default: the system's).")
     username: str | None = Field(None, description="Login for destinations that require authentication (KB scenario 5: 530 / 5.7.3).")

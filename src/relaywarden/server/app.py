@@ -101,6 +101,7 @@ class Server:
         self.auth_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="argon2")
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+        self.runner = None          # the delivery QueueRunner, when delivery is enabled
 
     # --- events --------------------------------------------------------------------------------
 
@@ -174,6 +175,14 @@ class Server:
         self.emit(EventId.SERVER_STARTED, text=f"relaywarden started with {len(self.listeners)} listener(s); configuration {self.loaded.file}",
                   config=self.loaded.file, data_dir=str(self.data_dir), pid=os.getpid())
         self._tasks.append(asyncio.ensure_future(self._housekeeping()))
+        if self.config.delivery.enabled:
+            from ..delivery.runner import QueueRunner
+            from ..dns import make_resolver
+
+            self.runner = QueueRunner(loaded=self.loaded, queue=self.queue, directory=lambda: self.directory,
+                                      emit=self.emit, resolver=make_resolver(self.config.dns),
+                                      data_dir=self.data_dir, hostname=self.hostname)
+            self.runner.start()
 
     def _new_session(self, rt: ListenerRuntime) -> SmtpSession:
         self.refresh_directory()
@@ -217,6 +226,8 @@ class Server:
                 if s.transport is not None:
                     s.transport.close()
         await asyncio.sleep(0)
+        if self.runner is not None:
+            await self.runner.close(grace)
         if self.queue is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.queue.close)
         self.auth_pool.shutdown(wait=False, cancel_futures=True)

@@ -369,6 +369,8 @@ class SmtpSession(asyncio.Protocol):
                 f"queued {qid} from <{msg.sender}> for {len(msg.recipients)} recipient(s), {len(msg.data)} octets"),
                 sender=msg.sender, recipients=[r.address for r in msg.recipients], size=len(msg.data))
             self.server.metrics["queued"] += 1
+            if self.server.runner is not None:
+                self.server.runner.wake()
             self.core.message_result(status.queued(qid))
         else:
             reply = status.storage_full() if isinstance(exc, QueueFull) else status.queue_error()

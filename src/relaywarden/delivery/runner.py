@@ -1,0 +1,371 @@
+"""The queue runner: takes due mail from the queue, delivers it, records every result, and bounces.
+
+For each due message it groups the pending recipients by next hop — local mailboxes (Maildir),
+or a route and destination domain — and for each group tries the route's hosts in order (MX
+preference, or the smarthost list), every address of a host in turn, until one host takes a
+transaction.  Every result (reply code, enhanced code, remote host and address, remote text, the
+command it answered) goes to the queue the moment it is known, so a restart never repeats a
+delivery that was already confirmed.
+
+Temporary failures are retried with a doubling backoff (``delivery.min_backoff`` up to
+``delivery.max_backoff``) until ``delivery.max_lifetime``, then fail with 5.4.7.  When every
+recipient of a message is final, the failed ones are reported to the sender in one NDR (RFC 3464,
+never to ``<>``), which is queued like any other message, and the message leaves the queue.
+A delay notice goes out once per recipient after ``delivery.delay_warning``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .. import status
+from ..config.loader import LoadedConfig
+from ..config.schema import Delivery
+from ..directory import Directory
+from ..dsn.build import build_ndr
+from ..events import EventId
+from ..policy.relay import route_for
+from ..queue.model import DeliveryResult, MessageIn, QueuedMessage, QueuedRecipient, RecipientIn
+from ..queue.store import SqliteQueue
+from .maildir import MaildirError, deliver_local
+from .mx import NextHopError
+from .routes import RouteChoice, hops_for, resolve_route
+from .smtp_client import OutRcpt, SessionPool, Timeouts
+
+Emit = Callable[..., object]
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """Recipients that leave through one next hop."""
+
+    kind: str                       # "local" or "remote"
+    key: tuple                      # concurrency key: ("local",) or (route name, domain)
+    domain: str
+    route: RouteChoice | None
+    recipients: tuple[QueuedRecipient, ...]
+
+
+class QueueRunner:
+    def __init__(self, *, loaded: LoadedConfig, queue: SqliteQueue, directory: Callable[[], Directory],
+                 emit: Emit, resolver, data_dir: Path, hostname: str):
+        self.loaded = loaded
+        self.cfg: Delivery = loaded.config.delivery
+        self.queue = queue
+        self.directory = directory
+        self.emit = emit
+        self.resolver = resolver
+        self.hostname = hostname
+        self.helo = self.cfg.helo_name or hostname
+        self.mail_root = Path(self.cfg.mailbox_root) if self.cfg.mailbox_root else Path(data_dir) / "mail"
+        self.pool = SessionPool()
+        self.timeouts = Timeouts(connect=self.cfg.connect_timeout, command=self.cfg.command_timeout,
+                                 data=max(self.cfg.command_timeout, 600.0))
+        self._total = asyncio.Semaphore(self.cfg.max_concurrency)
+        self._per_dest: dict[tuple, asyncio.Semaphore] = {}
+        self._in_flight: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._main: asyncio.Task | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._main = asyncio.ensure_future(self._loop())
+
+    def wake(self) -> None:
+        """New mail is in the queue: look now rather than at the next poll."""
+        self._wake.set()
+
+    async def close(self, grace: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+        await self.pool.close()
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self.run_once()
+            except Exception as exc:   # keep running: the next poll tries again
+                self.emit(EventId.QUEUE_ERROR, text=f"queue runner: {type(exc).__name__}: {exc}",
+                          operation="scan", error=str(exc))
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.cfg.poll_interval)
+
+    async def run_once(self) -> int:
+        """Start deliveries for everything due now; returns how many messages were started."""
+        room = self.cfg.max_concurrency * 4 - len(self._in_flight)
+        if room <= 0:
+            return 0
+        due = await asyncio.to_thread(self.queue.due, time.time(), room + len(self._in_flight))
+        started = 0
+        for queue_id, recipients in due:
+            if queue_id in self._in_flight or not recipients:
+                continue
+            self._in_flight.add(queue_id)
+            task = asyncio.ensure_future(self._deliver_message(queue_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._done(queue_id))
+            started += 1
+        return started
+
+    def _done(self, queue_id: str):
+        def done(task: asyncio.Task) -> None:
+            self._tasks.discard(task)
+            self._in_flight.discard(queue_id)
+            if not task.cancelled() and task.exception() is not None:
+                exc = task.exception()
+                self.emit(EventId.QUEUE_ERROR, message_id=queue_id,
+                          text=f"delivery of {queue_id} failed internally: {type(exc).__name__}: {exc}; it stays queued",
+                          operation="deliver", error=str(exc))
+            if not self._stopping:
+                self._wake.set()   # a slot is free
+        return done
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Run until nothing is due or in flight (tests and `queue flush`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            started = await self.run_once()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=max(0.0, deadline - time.monotonic()))
+            elif not started:
+                return
+
+    # --- one message -----------------------------------------------------------------------------
+
+    async def _deliver_message(self, queue_id: str) -> None:
+        message = await asyncio.to_thread(self.queue.get, queue_id)
+        if message is None or message.hold:
+            return
+        now = time.time()
+        due = [r for r in message.recipients
+               if r.state in ("pending", "deferred") and (r.next_attempt_at or 0) <= now]
+        if not due:
+            return
+        data = await asyncio.to_thread(self.queue.message_data, queue_id)
+        if data is None:
+            return
+        if now - message.received_at >= self.cfg.max_lifetime and all(r.attempts for r in due):
+            await self._expire(message, due, now)
+        else:
+            groups = self._groups(message, due)
+            await asyncio.gather(*(self._deliver_group(message, data, g) for g in groups))
+        await self._after_attempts(queue_id, data)
+
+    def _groups(self, message: QueuedMessage, due: list[QueuedRecipient]) -> list[_Group]:
+        local: list[QueuedRecipient] = []
+        remote: dict[tuple, list[QueuedRecipient]] = {}
+        choices: dict[tuple, tuple[str, RouteChoice]] = {}
+        for r in due:
+            if r.verdict == "local":
+                local.append(r)
+                continue
+            domain = r.domain
+            choice = resolve_route(self.loaded, domain)
+            if r.route and r.route != choice.name:
+                # the route the decision chose at RCPT time wins (internal-relay's own route)
+                named = next((x for x in self.loaded.config.route if x.name == r.route), None)
+                if named is not None:
+                    choice = RouteChoice(named)
+            # a smarthost route takes every domain in one transaction; MX goes per domain
+            key = (choice.name, domain if choice.kind.value == "mx" else "*")
+            remote.setdefault(key, []).append(r)
+            choices[key] = (domain, choice)
+        groups = [_Group("local", ("local",), "", None, tuple(local))] if local else []
+        for key, rcpts in remote.items():
+            domain, choice = choices[key]
+            groups.append(_Group("remote", key, domain, choice, tuple(rcpts)))
+        return groups
+
+    def _dest_semaphore(self, key: tuple) -> asyncio.Semaphore:
+        sem = self._per_dest.get(key)
+        if sem is None:
+            sem = self._per_dest[key] = asyncio.Semaphore(self.cfg.max_per_destination)
+        return sem
+
+    async def _deliver_group(self, message: QueuedMessage, data: bytes, group: _Group) -> None:
+        async with self._total, self._dest_semaphore(group.key):
+            if group.kind == "local":
+                results = [await self._deliver_local(message, data, r) for r in group.recipients]
+            else:
+                results = await self._deliver_remote(message, data, group)
+        await self._record(message, list(zip(group.recipients, results)))
+
+    async def _deliver_local(self, message: QueuedMessage, data: bytes, r: QueuedRecipient) -> DeliveryResult:
+        entry = self.directory().find(r.route or r.address) or self.directory().find(r.address)
+        if entry is None or not entry.enabled:
+            reply = status.user_unknown(r.address) if entry is None else status.mailbox_disabled(r.address)
+            return DeliveryResult(reply.code, reply.enhanced, self.hostname, None, reply.text, "LOCAL", True)
+        try:
+            await asyncio.to_thread(deliver_local, self.mail_root, entry.address, data,
+                                    return_path=message.sender, delivered_to=r.address)
+        except MaildirError as exc:
+            return DeliveryResult(exc.reply.code, exc.reply.enhanced, self.hostname, None,
+                                  f"{exc.reply.text}: {exc.detail}", "LOCAL", exc.permanent)
+        return DeliveryResult(250, "2.0.0", self.hostname, None, f"delivered to maildir of {entry.address}", "LOCAL", False)
+
+    async def _deliver_remote(self, message: QueuedMessage, data: bytes, group: _Group) -> list[DeliveryResult]:
+        choice = group.route
+        assert choice is not None
+        try:
+            hops = await hops_for(choice, group.domain, self.resolver)
+        except NextHopError as exc:
+            result = DeliveryResult(exc.reply.code, exc.reply.enhanced, None, None,
+                                    f"{exc.reply.text} ({exc.detail})", "DNS", exc.permanent)
+            return [result] * len(group.recipients)
+        password = self._password(choice)
+        rcpts = [OutRcpt(r.address, r.notify, r.orcpt) for r in group.recipients]
+        last: list[DeliveryResult] | None = None
+        mx_port = choice.route.port if choice.route is not None and choice.kind.value == "mx" else None
+        for hop in hops:
+            for address in hop.addresses or (None,):
+                attempt = await self.pool.deliver(
+                    hop.host, mx_port or hop.port, helo=self.helo, sender=message.sender, recipients=rcpts, data=data,
+                    tls=choice.tls.value, ca_file=choice.ca_file, username=choice.username, password=password,
+                    envid=message.dsn_envid, ret=message.dsn_ret,
+                    body="8BITMIME" if message.body_type == "8BITMIME" else None,
+                    smtputf8=message.smtputf8, timeouts=self.timeouts, connect_address=address)
+                last = list(attempt.results)
+                if not attempt.try_next_host:
+                    return last
+        if last is None:
+            reply = status.Reply(451, "4.4.4", f"no next hop with an address for {group.domain}")
+            last = [DeliveryResult(reply.code, reply.enhanced, None, None, reply.text, "CONNECT", False)] * len(group.recipients)
+        return last
+
+    def _password(self, choice: RouteChoice) -> str | None:
+        if not choice.password_file:
+            return None
+        try:
+            return Path(choice.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            self.emit(EventId.CONFIG_WARNING, text=(
+                f"route {choice.name}: cannot read password_file {choice.password_file}: {exc.strerror}; "
+                "delivering without authentication"), route=choice.name)
+            return None
+
+    # --- results -----------------------------------------------------------------------------------
+
+    def _next_attempt(self, message: QueuedMessage, r: QueuedRecipient, now: float) -> float | None:
+        """When to retry after a temporary failure; None when the message is past its lifetime."""
+        end = message.received_at + self.cfg.max_lifetime
+        if now >= end:
+            return None
+        wait = min(self.cfg.max_backoff, self.cfg.min_backoff * (2 ** min(r.attempts, 20)))
+        return min(now + wait, end)
+
+    async def _record(self, message: QueuedMessage, pairs: list[tuple[QueuedRecipient, DeliveryResult]]) -> None:
+        now = time.time()
+        futures = []
+        for r, result in pairs:
+            next_at = None
+            if not result.delivered and not result.permanent:
+                next_at = self._next_attempt(message, r, now)
+                if next_at is None:
+                    result = _expired(result, self.cfg.max_lifetime)
+            futures.append(asyncio.wrap_future(self.queue.record_attempt_later(
+                message.id, r.id, result, next_attempt_at=next_at, attempted_at=now)))
+            self._event_for(message, r, result, next_at)
+        await asyncio.gather(*futures)
+
+    def _event_for(self, message: QueuedMessage, r: QueuedRecipient, result: DeliveryResult, next_at: float | None) -> None:
+        where = result.remote_host or ("local mailbox" if r.verdict == "local" else "-")
+        reply = " ".join(str(x) for x in (result.reply_code, result.enhanced_code, result.remote_text) if x)
+        common = dict(message_id=message.id, recipient=r.address, host=result.remote_host,
+                      address=result.remote_address, command=result.command, reply=reply, attempts=r.attempts + 1)
+        if result.reply_code is not None and result.reply_code >= 400 and result.remote_host and result.command != "LOCAL":
+            self.emit(EventId.REMOTE_ERROR, text=(
+                f"{result.remote_host} answered {result.command} for <{r.address}> with {reply}"), **common)
+        if result.delivered:
+            self.emit(EventId.DELIVERED, text=f"delivered {message.id} to <{r.address}> via {where}: {reply}", **common)
+        elif next_at is not None:
+            self.emit(EventId.DEFERRED, text=(
+                f"deferred {message.id} to <{r.address}> via {where}: {reply or 'no reply'}; next attempt at "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(next_at))} UTC"), next_attempt=next_at, **common)
+        else:
+            self.emit(EventId.DELIVERY_FAILED, text=f"delivery of {message.id} to <{r.address}> failed: {reply}", **common)
+
+    async def _expire(self, message: QueuedMessage, due: list[QueuedRecipient], now: float) -> None:
+        pairs = []
+        for r in due:
+            last = r.last_result or DeliveryResult(None, None, None, None, "never attempted", None, False)
+            pairs.append((r, _expired(last, self.cfg.max_lifetime)))
+        await self._record(message, pairs)
+
+    async def _after_attempts(self, queue_id: str, data: bytes) -> None:
+        message = await asyncio.to_thread(self.queue.get, queue_id)
+        if message is None:
+            return
+        now = time.time()
+        final = all(r.state in ("delivered", "failed") for r in message.recipients)
+        if final:
+            failed = [r for r in message.recipients if r.state == "failed"]
+            if failed:
+                await self._send_notice(message, data, failed, [], "failed", now)
+            await asyncio.to_thread(self.queue.delete, queue_id)
+            return
+        if self.cfg.delay_warning is not None and now - message.received_at >= self.cfg.delay_warning:
+            delayed = [r for r in message.recipients if r.state == "deferred" and not r.delay_warned]
+            if delayed:
+                await self._send_notice(message, data, [], delayed, "delayed", now)
+                await asyncio.wrap_future(self.queue.mark_delay_warned(queue_id, [r.id for r in delayed]))
+
+    async def _send_notice(self, message: QueuedMessage, data: bytes, failed, delayed, action: str, now: float) -> None:
+        ndr = build_ndr(reporting_mta=self.hostname, message=message, original=data, failed=failed,
+                        delayed=delayed, action=action, arrival=message.received_at, now=now,
+                        postmaster=f"postmaster@{self.hostname}",
+                        will_retry_until=message.received_at + self.cfg.max_lifetime if action == "delayed" else None)
+        reported = failed or delayed
+        if ndr is None:
+            return
+        to = message.sender
+        entry = self.directory().find(to)
+        domain = to.rpartition("@")[2].lower()
+        verdict, route = ("local", entry.address) if entry else ("relay", route_for(self.loaded, domain))
+        ndr_msg = MessageIn(
+            sender="", recipients=(RecipientIn(address=to, original=f"<{to}>", orcpt=None, notify=("NEVER",),
+                                               verdict=verdict, route=route, decision_id=f"ndr-{message.id[:12]}"),),
+            data=ndr, received_at=now, listener="-", client_address="127.0.0.1", client_port=0,
+            helo=self.hostname, auth_user=None, tls=None, body_type="8BITMIME", smtputf8=message.smtputf8,
+            dsn_ret=None, dsn_envid=None, session_id=f"ndr-{message.id}")
+        ndr_id = await asyncio.wrap_future(self.queue.submit(ndr_msg))
+        for r in reported:
+            res = r.last_result
+            code = " ".join(str(x) for x in ((res.reply_code, res.enhanced_code) if res else ()) if x)
+            self.emit(EventId.NDR_GENERATED, message_id=message.id, text=(
+                f"{'NDR' if action == 'failed' else 'delay notice'} {ndr_id} to <{to}> for <{r.address}>: "
+                f"{code} {res.remote_text if res else ''}".rstrip()),
+                recipient=r.address, status=res.enhanced_code if res else None, ndr=ndr_id, action=action)
+        self.wake()
+
+
+def _expired(last: DeliveryResult, lifetime: float) -> DeliveryResult:
+    """The final 5.4.7 result that keeps what the last attempt said."""
+    days = lifetime / 86400
+    reply = status.expired(days)
+    text = reply.text + (f"; last attempt: {_describe(last)}" if last.remote_text else "")
+    return replace(last, reply_code=reply.code, enhanced_code=reply.enhanced, remote_text=text, permanent=True)
+
+
+def _describe(result: DeliveryResult) -> str:
+    host = f"{result.remote_host}: " if result.remote_host else ""
+    code = " ".join(str(x) for x in (result.reply_code, result.enhanced_code) if x)
+    return f"{host}{code} {result.remote_text}".strip()
