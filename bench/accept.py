@@ -329,18 +329,29 @@ def machine() -> dict:
             "python": platform.python_version(), "postfix": pf.stdout.strip()}
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def report(results: list[Result], memory: dict[str, Memory], rw_hwm: int, info: dict) -> str:
+    """The table: median msg/s per mode and server over the repeats (with the range when repeated)."""
     lines = [f"{info['date']}  nproc={info['nproc']}  {info['cpu']}  kernel {info['kernel']}  "
              f"Python {info['python']}  Postfix {info['postfix']}", ""]
-    lines.append(f"{'mode':<44} {'relaywarden':>12} {'postfix':>10} {'ratio':>7}  rw CPU s/1000 msg")
-    by_mode: dict[str, dict[str, Result]] = {}
+    lines.append(f"{'mode':<44} {'relaywarden':>12} {'postfix':>10} {'ratio':>7}  rw CPU s/1000 msg  range rw | pf")
+    by_mode: dict[str, dict[str, list[Result]]] = {}
     for r in results:
-        by_mode.setdefault(r.mode, {})[r.server] = r
+        by_mode.setdefault(r.mode, {}).setdefault(r.server, []).append(r)
     for mode, rs in by_mode.items():
-        rw, pf = rs.get("relaywarden"), rs.get("postfix")
-        ratio = f"{rw.rate / pf.rate:6.2f}x" if rw and pf and rw.rate and pf.rate else "    -"
-        cpu = f"{1000 * rw.cpu_seconds / rw.accepted:.2f}" if rw and rw.cpu_seconds and rw.accepted else "-"
-        lines.append(f"{mode:<44} {rw.rate if rw else 0:>8.0f} msg/s {pf.rate if pf else 0:>6.0f} msg/s {ratio}  {cpu}")
+        rw = [r.rate for r in rs.get("relaywarden", [])]
+        pf = [r.rate for r in rs.get("postfix", [])]
+        rw_rate, pf_rate = (median(rw) if rw else 0.0), (median(pf) if pf else 0.0)
+        ratio = f"{rw_rate / pf_rate:6.2f}x" if rw_rate and pf_rate else "    -"
+        cpu = [1000 * r.cpu_seconds / r.accepted for r in rs.get("relaywarden", []) if r.cpu_seconds and r.accepted]
+        spread = (f"  {min(rw):.0f}-{max(rw):.0f} | {min(pf):.0f}-{max(pf):.0f}" if len(rw) > 1 and pf else "")
+        lines.append(f"{mode:<44} {rw_rate:>8.0f} msg/s {pf_rate:>6.0f} msg/s {ratio}  "
+                     f"{median(cpu) if cpu else 0:>17.2f}{spread}")
     for r in results:
         if r.error:
             lines.append(f"  ! {r.server}, {r.mode}: {r.error}")
@@ -373,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sessions", type=int, default=20, help="concurrent sessions (default 20)")
     ap.add_argument("--size", type=int, default=4096, help="message size in octets (smtp-source -l, default 4096)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per smtp-source run (default 300)")
+    ap.add_argument("--repeat", type=int, default=1, help="measure every mode this many times, report the median")
     ap.add_argument("--postfix-queue", choices=("defer", "hold"), default="defer",
                     help="defer: Postfix's ordinary path to the deferred queue; hold: straight to the hold queue")
     ap.add_argument("--py-spy", metavar="PATH", help="profile relaywarden with this py-spy binary during its runs")
@@ -420,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.start()
         if args.py_spy:
             profiler = Profiler(args.py_spy, rw.proc.pid, root / "relaywarden.pyspy.txt")
-        for mode in modes:
+        for mode in [m for _ in range(max(1, args.repeat)) for m in modes]:
             for name, server, port in (("relaywarden", rw, rw.port), ("postfix", pf, pf.port)):
                 cpu_pid = (lambda: rw.proc.pid) if name == "relaywarden" else None
                 r = measure(name, server, port, mode, args.size, args.timeout, cpu_pid)
