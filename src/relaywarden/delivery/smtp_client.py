@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -116,9 +117,12 @@ class _Session:
             while event is not None:
                 if isinstance(event, StartTlsNeeded):
                     await self._starttls(event)
-                elif wanted(event) or isinstance(event, Closed):
+                    break                        # send the EHLO that follows the handshake
+                if wanted(event) or isinstance(event, Closed):
                     return event
                 event = client.next_event()
+            if event is not None:
+                continue
             if client.closed:
                 return None
             if client.awaiting is None and client.state.name != "TLS":
@@ -206,6 +210,14 @@ def _failed_everywhere(dest: _Destination, message: OutMessage, result: Delivery
                          None, False, False, True)
 
 
+def _os_error_text(exc: BaseException) -> str:
+    """"Connection refused" rather than asyncio's "Connect call failed (...)"."""
+    errno = getattr(exc, "errno", None)
+    if isinstance(errno, int) and errno > 0:
+        return os.strerror(errno)
+    return str(exc) or type(exc).__name__
+
+
 async def _connect(dest: _Destination, policy: str) -> _Session | DeliveryResult:
     target = dest.connect_address or dest.host
     where = f"{dest.host}[{dest.connect_address}]:{dest.port}" if dest.connect_address else f"{dest.host}:{dest.port}"
@@ -216,9 +228,7 @@ async def _connect(dest: _Destination, policy: str) -> _Session | DeliveryResult
                               f"connection to {where} timed out after {dest.timeouts.connect:g}s", "CONNECT", False)
     except (OSError, UnicodeError) as exc:
         return DeliveryResult(None, None, dest.host, dest.connect_address,
-                              f"connection to {where} failed: {exc.strerror or exc}"
-                              if isinstance(exc, OSError) else f"connection to {where} failed: {exc}",
-                              "CONNECT", False)
+                              f"connection to {where} failed: {_os_error_text(exc)}", "CONNECT", False)
     peer = writer.get_extra_info("peername")
     address = peer[0] if peer else dest.connect_address
     options = ClientOptions(helo=dest.helo, tls=policy, username=dest.username, password=dest.password,
