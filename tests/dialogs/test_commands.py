@@ -142,7 +142,7 @@ def test_two_transactions_in_one_session(mx):
     ("MAIL FROM:<sender@example.org>", "503 5.5.1 Bad sequence of commands: send EHLO or HELO first"),
     ("RCPT TO:<alice@example.test>", "503 5.5.1"),
     ("DATA", "503 5.5.1"),
-    ("BDAT 10 LAST", "503 5.5.1"),
+    ("BDAT 0 LAST", "503 5.5.1"),
     ("STARTTLS", "503 5.5.1"),
     ("AUTH PLAIN", "503 5.5.1"),
 ])

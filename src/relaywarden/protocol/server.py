@@ -182,6 +182,8 @@ class SmtpServer:
         self._bdat_left = 0
         self._bdat_last = False
         self._bdat_failed: Reply | None = None
+        self._bdat_open = False                  # a BDAT chunk was taken in this transaction
+        self._bdat_skip: tuple[Reply, State] | None = None   # refused BDAT: reply and state to go back to
         self._chunks = bytearray()
         self._pending_path: Path | None = None
 
@@ -397,6 +399,9 @@ class SmtpServer:
             return
         allowed = ALLOWED.get(self.state, frozenset())
         if verb not in allowed:
+            if verb == "BDAT":
+                self._refuse_bdat(arg, self._sequence_reply(verb))
+                return
             self._error(self._sequence_reply(verb), "sequence", verb)
             return
         getattr(self, "_cmd_" + verb.lower(), self._cmd_unimplemented)(verb, arg)
@@ -435,6 +440,7 @@ class SmtpServer:
             self._error(status.syntax_error(f"{'EHLO' if esmtp else 'HELO'} needs a domain name or address literal"), "syntax")
             return
         self.helo, self.esmtp, self.envelope = name, esmtp, None
+        self._reset_chunks()
         self.state = State.READY
         self._events.append(Helo(name, esmtp))
         if not esmtp:
@@ -462,6 +468,7 @@ class SmtpServer:
             self._error(status.syntax_error("RSET takes no argument"), "syntax")
             return
         self.envelope = None
+        self._reset_chunks()
         if self.state is not State.CONNECTED:
             self.state = State.READY
         self._reply(status.reset_ok())
@@ -573,6 +580,7 @@ class SmtpServer:
             self._error(status.syntax_error("parameters need EHLO"), "syntax")
             return
         self.envelope = env
+        self._reset_chunks()
         self._pending_path = path
         self._wait(MailRequest(path), State.READY)
 
@@ -652,7 +660,7 @@ class SmtpServer:
         if arg.strip():
             self._error(status.syntax_error("DATA takes no argument"), "syntax")
             return
-        if self._chunks:
+        if self._bdat_open:
             self._error(status.bad_sequence("DATA cannot follow BDAT"), "sequence")
             return
         self._reply(status.start_data())
@@ -682,18 +690,43 @@ class SmtpServer:
         return True
 
     def _cmd_bdat(self, verb: str, arg: str) -> None:
+        if self._bdat_size(arg):
+            self._bdat_open = True
+            self.state = State.BDAT
+
+    def _refuse_bdat(self, arg: str, reply: Reply) -> None:
+        """BDAT out of sequence: read its chunk to the end (never as commands), then refuse it."""
+        if self._bdat_size(arg):
+            self._bdat_skip = (reply, self.state)
+            self.state = State.BDAT
+
+    def _bdat_size(self, arg: str) -> bool:
         parts = arg.split()
         if not parts or len(parts) > 2 or not parts[0].isdigit() or len(parts[0]) > 12 \
                 or (len(parts) == 2 and parts[1].upper() != "LAST"):
             self._error(status.syntax_error("BDAT size [LAST]"), "syntax")
             # The chunk size is unknown: RFC 3030 leaves no way to resynchronise; close.
             self._close("unparsable BDAT")
-            return
+            return False
         self._bdat_left = int(parts[0])
         self._bdat_last = len(parts) == 2
-        self.state = State.BDAT
+        return True
+
+    def _reset_chunks(self) -> None:
+        self._chunks = bytearray()
+        self._bdat_failed = None
+        self._bdat_open = False
 
     def _read_chunk(self) -> bool:
+        if self._bdat_skip is not None:
+            take = min(self._bdat_left, len(self._in))
+            del self._in[:take]
+            self._bdat_left -= take
+            if self._bdat_left:
+                return False
+            (reply, self.state), self._bdat_skip = self._bdat_skip, None
+            self._error(reply, "sequence", "BDAT")
+            return True
         take = min(self._bdat_left, len(self._in))
         if take:
             if self._bdat_failed is None and len(self._chunks) + take <= self.opt.max_message_size:
