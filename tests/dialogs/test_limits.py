@@ -169,6 +169,17 @@ def test_actual_message_too_big(srv, small):
     limit_event(srv, "small", "size")
 
 
+def test_bdat_too_big(srv, small):
+    start_bdat = "MAIL FROM:<sender@example.org>\r\nRCPT TO:<alice@example.test>\r\n"
+    small.send(start_bdat + "BDAT 3000 LAST\r\n" + "y" * 3000)
+    assert [small.reply().last[:9] for _ in range(3)] == ["250 2.1.0", "250 2.1.5", "552 5.3.4"]
+    # in chunks: the chunk that crosses the limit is refused, and so is the rest of the message
+    small.send(start_bdat + "BDAT 1500\r\n" + "y" * 1500 + "BDAT 1500\r\n" + "y" * 1500 + "BDAT 0 LAST\r\n")
+    assert [small.reply().last[:9] for _ in range(5)] == ["250 2.1.0", "250 2.1.5", "250 2.0.0", "552 5.3.4", "552 5.3.4"]
+    assert small.cmd("RCPT TO:<alice@example.test>").last.startswith("503 5.5.1"), "the transaction is over"
+    limit_event(srv, "small", "size")
+
+
 def test_data_line_too_long(small):
     start_data(small)
     small.send("x" * 1100 + "\r\n.\r\n")
