@@ -9,8 +9,9 @@ Usage (from the repository root, as root because Postfix is started with its own
     .venv/bin/python bench/accept.py --py-spy /tmp/pyspy/bin/py-spy   # and profile relaywarden
 
 Both servers accept mail for one domain only (``example.test``): relaywarden as an authoritative
-domain with the mailbox ``postmaster@example.test``, Postfix as a relay domain whose transport is
-deferred (or held, ``--postfix-queue hold``), so every message stays queued. relaywarden answers
+domain with the mailbox ``postmaster@example.test`` and delivery off (``[delivery] enabled =
+false``), Postfix as a relay domain whose transport is deferred (or held, ``--postfix-queue
+hold``), so every message stays queued. relaywarden answers
 250 after its SQLite commit (WAL, synchronous=FULL); Postfix after cleanup's fsync. Each run is
 checked: the number of messages in the server's queue must grow by exactly the count sent.
 
@@ -67,6 +68,10 @@ address = "{recipient}"
 name = "default"
 domains = ["*"]
 kind = "mx"
+
+# accept and queue only, like the Postfix instance whose transport is deferred or held
+[delivery]
+enabled = false
 """
 
 

@@ -49,6 +49,10 @@ address = "alice@example.test"
 name = "default"
 domains = ["*"]
 kind = "mx"
+
+# the queue keeps what was acknowledged (no local delivery takes it out before we look)
+[delivery]
+enabled = false
 """
 
 ROUNDS = 10
