@@ -27,7 +27,7 @@ from .. import status
 from ..config.loader import LoadedConfig
 from ..config.schema import Delivery
 from ..directory import Directory
-from ..dsn.build import build_ndr
+from ..dsn.build import build_ndr, cause_for
 from ..events import EventId
 from ..policy.relay import route_for
 from ..queue.model import DeliveryResult, MessageIn, QueuedMessage, QueuedRecipient, RecipientIn
@@ -349,11 +349,12 @@ class QueueRunner:
         ndr_id = await asyncio.wrap_future(self.queue.submit(ndr_msg))
         for r in reported:
             res = r.last_result
+            cause = cause_for(r, action)
             code = " ".join(str(x) for x in ((res.reply_code, res.enhanced_code) if res else ()) if x)
             self.emit(EventId.NDR_GENERATED, message_id=message.id, text=(
                 f"{'NDR' if action == 'failed' else 'delay notice'} {ndr_id} to <{to}> for <{r.address}>: "
-                f"{code} {res.remote_text if res else ''}".rstrip()),
-                recipient=r.address, status=res.enhanced_code if res else None, ndr=ndr_id, action=action)
+                f"{code} {res.remote_text if res else ''} — {cause.label}. Fix: {cause.fix}"),
+                recipient=r.address, status=cause.status, cause=cause.key, ndr=ndr_id, action=action)
         self.wake()
 
 
