@@ -322,3 +322,39 @@ def test_authenticated_state_is_forgotten_on_new_connection(submission_tls, srv)
             c: MAIL FROM:<sender@example.org>
             s: 530 5.7.0
         """)
+
+
+def test_queue_holds_everything_that_was_acknowledged(srv, submission_tls):
+    """After the 250: envelope, Received header first, DSN parameters, auth user and TLS facts."""
+    replies = run_dialog(submission_tls, f"""
+        c: AUTH PLAIN {client_plain(USER, PASSWORD)}
+        s: 235 2.7.0
+        c: MAIL FROM:<{USER}> RET=FULL ENVID=QUEUE-CHECK-1 BODY=8BITMIME SIZE=200
+        s: 250 2.1.0
+        c: RCPT TO:<Friend@Example.NET> NOTIFY=FAILURE,DELAY ORCPT=rfc822;Friend+40Example.NET
+        s: 250 2.1.5
+        c: RCPT TO:<a.lice@example.test>
+        s: 250 2.1.5
+        c: DATA
+        s: 354
+        c: Subject: everything kept
+        c:
+        c: body
+        c: .
+        s: 250 2.0.0
+    """)
+    msg, data = read_queued(srv.data_dir, queued_id(replies[-1]))
+    assert msg.sender == USER
+    assert [(r.original.split(" ")[0], r.verdict) for r in msg.recipients] == [
+        ("<Friend@Example.NET>", "relay"), ("<a.lice@example.test>", "local")]
+    friend, alias = msg.recipients
+    assert friend.address.lower() == "friend@example.net"
+    assert (alias.address, alias.route) == ("a.lice@example.test", USER)   # an alias goes to its mailbox
+    assert (friend.notify, friend.orcpt) == (("FAILURE", "DELAY"), "rfc822;Friend@Example.NET")
+    assert (msg.dsn_ret, msg.dsn_envid, msg.body_type) == ("FULL", "QUEUE-CHECK-1", "8BITMIME")
+    assert msg.auth_user == USER and msg.listener == "submission" and msg.client_address == "127.0.0.1"
+    assert msg.tls is not None and msg.tls.split()[0] in ("TLSv1.2", "TLSv1.3")
+    assert msg.helo == "client.example.org"
+    assert data.startswith(b"Received: from client.example.org ([127.0.0.1])\r\n\tby mx.example.test (relaywarden) with ESMTPSA id ")
+    assert data.endswith(b"\r\nSubject: everything kept\r\n\r\nbody\r\n")
+    assert msg.size == len(data)
