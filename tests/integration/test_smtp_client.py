@@ -92,6 +92,8 @@ class Sink:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def cleanup(self) -> None:
         self.stop()
@@ -227,7 +229,7 @@ def test_session_pool_reuses_one_connection(sink):
             break
         time.sleep(0.05)
     assert s.sessions() == 1
-    assert sorted(t["rcpt"] for t in s.transactions()) == [["<r0@example.org>"], ["<r1@example.org>"], ["<r2@example.org>"]]
+    assert sorted(t["rcpt"] for t in s.transactions()) == [[f"<r{i}@example.org>"] for i in range(3)]
 
 
 @needs_sink
@@ -433,3 +435,50 @@ def test_pool_reuses_a_tls_session_with_rset(default_server, ca_file):
     results = asyncio.run(run())
     assert [r.reused for r in results] == [False, True, True]
     assert all(r.all_delivered and r.tls for r in results)
+
+
+def test_opportunistic_tls_falls_back_to_plaintext_after_a_failed_handshake():
+    async def run() -> tuple[AttemptResult, list[list[bytes]]]:
+        sessions: list[list[bytes]] = []
+
+        async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen: list[bytes] = []
+            sessions.append(seen)
+            writer.write(b"220 peer ESMTP\r\n")
+            for _ in range(20):
+                line = await reader.readline()
+                if not line:
+                    break
+                verb = line.split()[0].upper()
+                seen.append(verb)
+                if verb == b"EHLO":
+                    writer.write(b"250-peer\r\n250 STARTTLS\r\n")
+                elif verb == b"STARTTLS":
+                    writer.write(b"220 go ahead\r\nthis is not a TLS server hello\r\n")
+                    await writer.drain()
+                    await reader.read(4096)
+                    break
+                elif verb == b"DATA":
+                    writer.write(b"354 go\r\n")
+                    while (await reader.readline()) not in (b".\r\n", b""):
+                        pass
+                    writer.write(b"250 2.0.0 ok\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    break
+                else:
+                    writer.write(b"250 ok\r\n")
+            writer.close()
+
+        server = await asyncio.start_server(peer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        r = await deliver("127.0.0.1", port, helo="relay.example.test", sender="a@example.test",
+                          recipients=[OutRcpt("b@example.org")], data=BODY, tls="opportunistic", timeout=5)
+        server.close()
+        await server.wait_closed()
+        return r, sessions
+
+    r, sessions = asyncio.run(run())
+    assert r.all_delivered and r.tls is None
+    assert sessions == [[b"EHLO", b"STARTTLS"], [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"]]
+

@@ -263,7 +263,8 @@ def test_end_of_data_5xx_applies_to_all_accepted():
     sent(c)
     c.receive(b"554-5.7.1 spam\r\n554 5.7.1 refused\r\n")
     r = result_of(c).results
-    assert all((x.reply_code, x.enhanced_code, x.command, x.permanent) == (554, "5.7.1", "END-OF-DATA", True) for x in r)
+    for x in r:
+        assert (x.reply_code, x.enhanced_code, x.command, x.permanent) == (554, "5.7.1", "END-OF-DATA", True)
     assert r[0].remote_text == "spam refused"
 
 

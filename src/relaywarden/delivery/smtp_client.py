@@ -21,7 +21,6 @@ import contextlib
 import functools
 import os
 import ssl
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -32,7 +31,6 @@ from ..protocol.client import (
     OutMessage,
     OutRcpt,
     ResetDone,
-    SessionReady,
     SmtpClient,
     StartTlsNeeded,
     TransactionResult,
@@ -105,7 +103,6 @@ class _Session:
         self.address = address
         self.tls: str | None = None
         self.messages = 0
-        self.idle_since = 0.0
 
     async def run_until(self, wanted: Callable[[Event], bool], timeout: float) -> Event | None:
         """Drive the client until an event ``wanted`` (returned) or the session closes (Closed)."""
@@ -183,7 +180,7 @@ class _Session:
     async def quit(self) -> None:
         if self.client.ready:
             self.client.quit()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError, OSError):
                 await asyncio.wait_for(self.run_until(lambda e: False, self.dest.timeouts.quit),
                                        self.dest.timeouts.quit)
         self.client.quit()
@@ -191,7 +188,7 @@ class _Session:
 
     async def abort(self) -> None:
         self.writer.close()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError, OSError, ssl.SSLError):
             await asyncio.wait_for(self.writer.wait_closed(), 5.0)
 
 
@@ -248,22 +245,26 @@ async def _transaction(session: _Session, message: OutMessage, reused: bool) -> 
                          "DSN" in session.client.extensions, reused, event.session_failure)
 
 
+async def _attempt(dest: _Destination, message: OutMessage, policy: str) -> tuple[AttemptResult, _Session | None]:
+    session = await _connect(dest, policy)
+    if isinstance(session, DeliveryResult):
+        return _failed_everywhere(dest, message, session), None
+    return await _transaction(session, message, reused=False), session
+
+
+def _handshake_failed(result: AttemptResult, session: _Session | None) -> bool:
+    return (session is not None and result.session_failure and not session.client.tls
+            and any(r.command == "STARTTLS" and r.reply_code is None for r in result.results))
+
+
 async def _fresh_attempt(dest: _Destination, message: OutMessage) -> tuple[AttemptResult, _Session | None]:
     """Connect, deliver; with opportunistic TLS, retry once in plaintext after a failed handshake."""
-    policy = dest.tls
-    for _ in range(2):
-        session = await _connect(dest, policy)
-        if isinstance(session, DeliveryResult):
-            return _failed_everywhere(dest, message, session), None
-        result = await _transaction(session, message, reused=False)
-        handshake_failed = result.session_failure and session.client.tls is False and any(
-            r.command == "STARTTLS" and r.reply_code is None for r in result.results)
-        if policy == "opportunistic" and handshake_failed:
-            await session.abort()
-            policy = "none"
-            continue
-        return result, session
-    raise AssertionError("unreachable")
+    result, session = await _attempt(dest, message, dest.tls)
+    if dest.tls == "opportunistic" and _handshake_failed(result, session):
+        assert session is not None
+        await session.abort()
+        result, session = await _attempt(dest, message, "none")
+    return result, session
 
 
 async def _finish_session(session: _Session | None) -> None:
@@ -324,7 +325,8 @@ class SessionPool:
         self.max_idle_per_destination = max_idle_per_destination
         self.max_messages = max_messages
         self._idle: dict[tuple[str, int, str, str | None], list[_Session]] = {}
-        self._reapers: set[asyncio.Task[None]] = set()
+        self._timers: dict[_Session, asyncio.TimerHandle] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def idle_count(self, host: str | None = None, port: int | None = None) -> int:
@@ -356,6 +358,9 @@ class SessionPool:
         sessions = self._idle.get(dest.key, [])
         while sessions:
             session = sessions.pop()
+            timer = self._timers.pop(session, None)
+            if timer is not None:
+                timer.cancel()
             if session.client.ready:
                 session.client.reset()
                 event = await session.run_until(lambda e: isinstance(e, ResetDone), dest.timeouts.command)
@@ -372,29 +377,29 @@ class SessionPool:
                 or len(sessions) >= self.max_idle_per_destination):
             await _finish_session(session)
             return
-        session.idle_since = time.monotonic()
         sessions.append(session)
-        task = asyncio.create_task(self._reap(dest.key, session))
-        self._reapers.add(task)
-        task.add_done_callback(self._reapers.discard)
+        loop = asyncio.get_running_loop()
+        self._timers[session] = loop.call_later(self.idle_timeout, self._expire, dest.key, session)
 
-    async def _reap(self, key: tuple[str, int, str, str | None], session: _Session) -> None:
+    def _expire(self, key: tuple[str, int, str, str | None], session: _Session) -> None:
         """QUIT a session that stayed idle for ``idle_timeout`` seconds."""
-        since = session.idle_since
-        await asyncio.sleep(self.idle_timeout)
+        self._timers.pop(session, None)
         sessions = self._idle.get(key, [])
-        if session in sessions and session.idle_since == since:
+        if session in sessions:
             sessions.remove(session)
-            await _finish_session(session)
+            task = asyncio.get_running_loop().create_task(_finish_session(session))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        """QUIT every idle session."""
+        """QUIT every idle session (and wait for those already saying QUIT)."""
         self._closed = True
-        for task in list(self._reapers):
-            task.cancel()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         idle = [s for sessions in self._idle.values() for s in sessions]
         self._idle.clear()
-        await asyncio.gather(*(_finish_session(s) for s in idle), return_exceptions=True)
+        await asyncio.gather(*(_finish_session(s) for s in idle), *self._closing, return_exceptions=True)
 
     async def __aenter__(self) -> SessionPool:
         return self

@@ -537,9 +537,10 @@ class SmtpClient:
             self._finish()
             return
         if "PIPELINING" in self.extensions:
-            lines = [(mail, "MAIL", -1)] + [(self._rcpt_command(tx, i), "RCPT", i) for i in live] + [("DATA", "DATA", -1)]
-            for line, command, index in lines:
-                self._send(line, command, index)
+            self._send(mail, "MAIL")
+            for i in live:
+                self._send(self._rcpt_command(tx, i), "RCPT", i)
+            self._send("DATA", "DATA")
             tx.next_rcpt = len(tx.wire)
         else:
             self._send(mail, "MAIL")
