@@ -1,8 +1,8 @@
 """Dialogs for every limit and defence of a listener, each with a small configuration.
 
 One server for the module with four listeners: ``small`` (small message, recipient, error and
-Received-header limits), ``slow`` (1 s command and data timeouts), ``few`` (2 connections in all)
-and ``perclient`` (2 connections per client address).
+Received-header limits), ``slow`` (1 s command and data timeouts), ``few`` (2 connections in all),
+``perclient`` (2 connections per client address) and ``closed`` (a connection list without us).
 """
 
 from __future__ import annotations
@@ -54,6 +54,13 @@ port = {port:perclient}
 tls = "none"
 [listener.limits]
 max_connections_per_client = 2
+
+[[listener]]
+name = "closed"
+address = "127.0.0.1"
+port = {port:closed}
+tls = "none"
+connections = { mode = "only", entries = ["192.0.2.1"] }
 
 [[domain]]
 name = "example.test"
@@ -330,3 +337,11 @@ def test_connections_per_client(srv):
     finally:
         for c in conns:
             c.close()
+
+
+def test_connection_list(srv):
+    with SmtpConn(srv.ports["closed"]) as c:
+        assert c.greeting.last.startswith("554 5.7.1")
+        assert c.closed_by_peer(5.0)
+    event = srv.wait_for_event(lambda e: e["id"] == 1101 and e.get("listener") == "closed")
+    assert event["client"] == "127.0.0.1"
