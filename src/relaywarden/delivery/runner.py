@@ -27,10 +27,9 @@ from .. import status
 from ..config.loader import LoadedConfig
 from ..config.schema import Delivery
 from ..directory import Directory
-from ..dsn.build import build_ndr, cause_for
+from ..dsn.notify import build_notice, log_notice
 from ..events import EventId
-from ..policy.relay import route_for
-from ..queue.model import DeliveryResult, MessageIn, QueuedMessage, QueuedRecipient, RecipientIn
+from ..queue.model import DeliveryResult, QueuedMessage, QueuedRecipient
 from ..queue.store import SqliteQueue
 from .maildir import MaildirError, deliver_local
 from .mx import NextHopError
@@ -329,32 +328,14 @@ class QueueRunner:
                 await asyncio.wrap_future(self.queue.mark_delay_warned(queue_id, [r.id for r in delayed]))
 
     async def _send_notice(self, message: QueuedMessage, data: bytes, failed, delayed, action: str, now: float) -> None:
-        ndr = build_ndr(reporting_mta=self.hostname, message=message, original=data, failed=failed,
-                        delayed=delayed, action=action, arrival=message.received_at, now=now,
-                        postmaster=f"postmaster@{self.hostname}",
-                        will_retry_until=message.received_at + self.cfg.max_lifetime if action == "delayed" else None)
-        reported = failed or delayed
-        if ndr is None:
+        notice = build_notice(loaded=self.loaded, directory=self.directory(), hostname=self.hostname,
+                              message=message, original=data, failed=failed, delayed=delayed,
+                              action=action, now=now,
+                              will_retry_until=message.received_at + self.cfg.max_lifetime if action == "delayed" else None)
+        if notice is None:
             return
-        to = message.sender
-        entry = self.directory().find(to)
-        domain = to.rpartition("@")[2].lower()
-        verdict, route = ("local", entry.address) if entry else ("relay", route_for(self.loaded, domain))
-        ndr_msg = MessageIn(
-            sender="", recipients=(RecipientIn(address=to, original=f"<{to}>", orcpt=None, notify=("NEVER",),
-                                               verdict=verdict, route=route, decision_id=f"ndr-{message.id[:12]}"),),
-            data=ndr, received_at=now, listener="-", client_address="127.0.0.1", client_port=0,
-            helo=self.hostname, auth_user=None, tls=None, body_type="8BITMIME", smtputf8=message.smtputf8,
-            dsn_ret=None, dsn_envid=None, session_id=f"ndr-{message.id}")
-        ndr_id = await asyncio.wrap_future(self.queue.submit(ndr_msg))
-        for r in reported:
-            res = r.last_result
-            cause = cause_for(r, action)
-            code = " ".join(str(x) for x in ((res.reply_code, res.enhanced_code) if res else ()) if x)
-            self.emit(EventId.NDR_GENERATED, message_id=message.id, text=(
-                f"{'NDR' if action == 'failed' else 'delay notice'} {ndr_id} to <{to}> for <{r.address}>: "
-                f"{code} {res.remote_text if res else ''} — {cause.label}. Fix: {cause.fix}"),
-                recipient=r.address, status=cause.status, cause=cause.key, ndr=ndr_id, action=action)
+        ndr_id = await asyncio.wrap_future(self.queue.submit(notice.message))
+        log_notice(self.emit, notice, ndr_id)
         self.wake()
 
 

@@ -5,6 +5,10 @@ that gathers every waiting write into one transaction (one fsync for many messag
 read side, which uses its own connections and is safe while another process (an operator tool,
 a second server instance) reads or writes the same file.
 
+The operator side (``relaywarden queue``) selects messages with a ``MessageFilter`` (state,
+sender, recipient, recipient domain, authenticated user, client address or network, listener,
+age, attempts, last reply) and changes them in batches, each batch one write of the same writer.
+
 A submission's future resolves only after the COMMIT of the transaction that holds it. Each
 write in a group runs inside its own SAVEPOINT, so one bad message fails alone; when sqlite
 rolls the whole transaction back (as it may on a full disk) the writes that fitted are redone
@@ -16,12 +20,14 @@ before is never touched.
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
 import queue as stdlib_queue
+import re
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +206,7 @@ class SqliteQueue(QueueBackend):
             )
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             conn.execute("PRAGMA foreign_keys = ON")
+            _register_functions(conn)
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
         return conn
@@ -386,6 +393,44 @@ class SqliteQueue(QueueBackend):
         sql = "DELETE FROM message WHERE id = ?"
         return bool(self._wait(_Write(lambda c: c.execute(sql, (queue_id,)).rowcount)))
 
+    def hold_many(self, queue_ids: Sequence[str], hold: bool) -> int:
+        """Hold (or release) these messages in one write; returns how many changed state."""
+        ids = list(queue_ids)
+        sql = "UPDATE message SET hold = ? WHERE id = ? AND hold != ?"
+        return int(self._wait(_Write(
+            lambda c: sum(c.execute(sql, (int(hold), qid, int(hold))).rowcount for qid in ids))))
+
+    def delete_many(self, queue_ids: Sequence[str]) -> int:
+        """Delete these messages (and their recipients) in one write; returns how many existed."""
+        ids = list(queue_ids)
+        sql = "DELETE FROM message WHERE id = ?"
+        return int(self._wait(_Write(lambda c: sum(c.execute(sql, (qid,)).rowcount for qid in ids))))
+
+    def retry_many(self, queue_ids: Sequence[str], now: float) -> tuple[int, int]:
+        """Make every pending or deferred recipient of these messages due at ``now`` (the
+        runner picks them up at its next poll), in one write; returns how many messages and
+        how many recipients were changed."""
+        ids = list(queue_ids)
+        sql = ("UPDATE recipient SET next_attempt_at = ? WHERE message_id = ?"
+               " AND state IN ('pending', 'deferred')")
+
+        def apply(conn: sqlite3.Connection) -> tuple[int, int]:
+            counts = [conn.execute(sql, (now, qid)).rowcount for qid in ids]
+            return sum(1 for n in counts if n), sum(counts)
+        return self._wait(_Write(apply))
+
+    def replace_many(self, replacements: Sequence[tuple[str, tuple[int, ...], MessageIn | None]]
+                     ) -> list[str | None]:
+        """For each (queue id, recipient ids still to deliver, notice): when the message still
+        exists with exactly those recipients pending or deferred, queue the notice (if any) and
+        delete the message, atomically. One write for the whole batch.
+
+        Returns, per item, the notice's queue id ("" when there was no notice), or None when the
+        message is gone or changed since it was read (nothing was done to it)."""
+        items = [(qid, tuple(sorted(rids)), notice, self._new_id() if notice else "")
+                 for qid, rids, notice in replacements]
+        return list(self._wait(_Write(lambda c: [_replace(c, *item) for item in items])))
+
     def set_max_pages(self, pages: int) -> int:
         """Change the size limit in database pages (the "disk" of a test); returns the limit
         sqlite applied, which is never below the current size."""
@@ -461,6 +506,217 @@ class SqliteQueue(QueueBackend):
                 )
                 for queue_id in ids
             ]
+
+
+    def find_ids(self, selection: MessageFilter, now: float | None = None,
+                 limit: int | None = None) -> list[str]:
+        """The ids of the messages that pass ``selection``, oldest first."""
+        where, params = selection.sql(time.time() if now is None else now)
+        sql = f"SELECT m.id FROM message m WHERE {where} ORDER BY m.id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._reading() as conn:
+            return [row[0] for row in conn.execute(sql, params)]
+
+    def find(self, selection: MessageFilter, now: float | None = None,
+             limit: int | None = None) -> list[QueuedMessage]:
+        """The messages that pass ``selection`` with all their recipients, oldest first."""
+        where, params = selection.sql(time.time() if now is None else now)
+        sql = f"SELECT {_M_COLUMNS} FROM message m WHERE {where} ORDER BY m.id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._reading() as conn:
+            rows = conn.execute(sql, params).fetchall()
+            by_message: dict[str, list[QueuedRecipient]] = {row[0]: [] for row in rows}
+            ids = list(by_message)
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in conn.execute(
+                        f"SELECT message_id, {_RECIPIENT_COLUMNS} FROM recipient"
+                        f" WHERE message_id IN ({marks}) ORDER BY message_id, position", chunk):
+                    by_message[row[0]].append(_recipient_from_row(row[1:]))
+        return [_message_from_row(row, tuple(by_message[row[0]])) for row in rows]
+
+    def shape(self, selection: MessageFilter, by: str, now: float | None = None
+              ) -> list[tuple[str, float]]:
+        """(key, received_at) pairs for a qshape-style summary of the messages that pass
+        ``selection``: ``by="domain"`` gives one pair per recipient still to deliver (pending or
+        deferred) keyed by its domain; "user", "client", "sender", "listener" one pair per
+        message keyed by that envelope fact ("" for none)."""
+        where, params = selection.sql(time.time() if now is None else now)
+        if by == "domain":
+            sql = (f"SELECT r.domain, m.received_at FROM message m JOIN recipient r"
+                   f" ON r.message_id = m.id WHERE r.state IN ('pending', 'deferred') AND {where}")
+        elif by in _SHAPE_COLUMNS:
+            sql = f"SELECT coalesce({_SHAPE_COLUMNS[by]}, ''), m.received_at FROM message m WHERE {where}"
+        else:
+            raise ValueError(f"summary by {by!r}: use one of domain, {', '.join(_SHAPE_COLUMNS)}")
+        with self._reading() as conn:
+            return [(row[0], row[1]) for row in conn.execute(sql, params)]
+
+    def resolve_id(self, text: str) -> list[str]:
+        """The ids of queued messages equal to ``text`` or starting with it (at most two, enough
+        to tell a unique prefix from an ambiguous one)."""
+        prefix = text.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{1,24}", prefix):
+            return []
+        with self._reading() as conn:
+            rows = conn.execute("SELECT id FROM message WHERE id >= ? AND id < ? ORDER BY id LIMIT 2",
+                                (prefix, prefix + "g")).fetchall()
+        exact = [r[0] for r in rows if r[0] == prefix]
+        return exact or [r[0] for r in rows]
+
+
+# ---------------------------------------------------------------------- operator selection
+
+MESSAGE_STATES = ("active", "deferred", "hold", "done")
+
+_STATE_SQL = (
+    "CASE WHEN m.hold = 1 THEN 'hold'"
+    " WHEN EXISTS (SELECT 1 FROM recipient s WHERE s.message_id = m.id AND s.state = 'deferred')"
+    " THEN 'deferred'"
+    " WHEN EXISTS (SELECT 1 FROM recipient s WHERE s.message_id = m.id AND s.state = 'pending')"
+    " THEN 'active' ELSE 'done' END"
+)
+
+_SHAPE_COLUMNS = {"user": "m.auth_user", "client": "m.client_address", "sender": "m.sender",
+                  "listener": "m.listener"}
+
+_M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in _MESSAGE_COLUMNS.split(","))
+
+
+@dataclass(frozen=True, slots=True)
+class MessageFilter:
+    """Which queued messages an operator means. Every set criterion must hold; empty selects all.
+
+    Message criteria: ``ids`` (queue ids), ``states`` (a message is "hold" when held, else
+    "deferred" when a recipient was tried and failed temporarily, else "active" when a recipient
+    waits for its first attempt, else "done"), ``sender`` ("" for the null sender),
+    ``auth_user``, ``client`` (an address or a network such as 203.0.113.0/24), ``listener``,
+    ``older_than`` / ``younger_than`` (seconds since it was received). Recipient criteria, met
+    when one recipient meets them all: ``recipient`` (address), ``recipient_domain``,
+    ``min_attempts``, ``reply`` (a regular expression searched in the last delivery result:
+    "code enhanced-code host text"). Addresses, domains and users compare case-insensitively.
+    """
+
+    ids: tuple[str, ...] = ()
+    states: tuple[str, ...] = ()
+    sender: str | None = None
+    recipient: str | None = None
+    recipient_domain: str | None = None
+    auth_user: str | None = None
+    client: str | None = None
+    listener: str | None = None
+    older_than: float | None = None
+    younger_than: float | None = None
+    min_attempts: int | None = None
+    reply: str | None = None
+
+    def __post_init__(self) -> None:
+        for state in self.states:
+            if state not in MESSAGE_STATES:
+                raise ValueError(f"state {state!r}: use one of {', '.join(MESSAGE_STATES)}")
+        if self.client is not None:
+            _network(self.client)  # raises ValueError for a bad address or network
+        if self.reply is not None:
+            re.compile(self.reply)
+
+    def sql(self, now: float) -> tuple[str, list[Any]]:
+        """The WHERE clause over ``message m`` and its parameters."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if self.ids:
+            clauses.append(f"m.id IN ({','.join('?' * len(self.ids))})")
+            params.extend(self.ids)
+        if self.states:
+            clauses.append(f"({_STATE_SQL}) IN ({','.join('?' * len(self.states))})")
+            params.extend(self.states)
+        for column, value in (("m.sender", self.sender), ("m.auth_user", self.auth_user),
+                              ("m.listener", self.listener)):
+            if value is not None:
+                clauses.append(f"{column} = ? COLLATE NOCASE")
+                params.append(value.strip("<>") if column == "m.sender" else value)
+        if self.client is not None:
+            if "/" in self.client:
+                clauses.append("rw_in_network(?, m.client_address)")
+            else:
+                clauses.append("m.client_address = ?")
+            params.append(str(_network(self.client)) if "/" in self.client
+                          else str(ipaddress.ip_address(self.client.strip("[]"))))
+        if self.older_than is not None:
+            clauses.append("m.received_at <= ?")
+            params.append(now - self.older_than)
+        if self.younger_than is not None:
+            clauses.append("m.received_at > ?")
+            params.append(now - self.younger_than)
+        rcpt, rparams = self._recipient_sql()
+        if rcpt:
+            clauses.append(f"EXISTS (SELECT 1 FROM recipient r WHERE r.message_id = m.id AND {rcpt})")
+            params.extend(rparams)
+        return (" AND ".join(clauses) or "1"), params
+
+    def _recipient_sql(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if self.recipient is not None:
+            clauses.append("r.address = ? COLLATE NOCASE")
+            params.append(self.recipient.strip("<>"))
+        if self.recipient_domain is not None:
+            clauses.append("r.domain = ?")
+            params.append(self.recipient_domain.strip().rstrip(".").lower())
+        if self.min_attempts is not None:
+            clauses.append("r.attempts >= ?")
+            params.append(self.min_attempts)
+        if self.reply is not None:
+            clauses.append(
+                "r.last_attempt_at IS NOT NULL AND rw_search(?, trim(coalesce(r.reply_code, '')"
+                " || ' ' || coalesce(r.enhanced_code, '') || ' ' || coalesce(r.remote_host, '')"
+                " || ' ' || coalesce(r.remote_text, '')))")
+            params.append(self.reply)
+        return " AND ".join(clauses), params
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text.strip("[]"), strict=False)
+
+
+def _in_network(network: str, address: str | None) -> bool:
+    if not address:
+        return False
+    try:
+        return ipaddress.ip_address(address.strip("[]")) in ipaddress.ip_network(network)
+    except ValueError:
+        return False
+
+
+_PATTERNS: dict[str, re.Pattern[str]] = {}
+
+
+def _search(pattern: str, text: str | None) -> bool:
+    compiled = _PATTERNS.get(pattern)
+    if compiled is None:
+        if len(_PATTERNS) > 64:
+            _PATTERNS.clear()
+        compiled = _PATTERNS[pattern] = re.compile(pattern)
+    return compiled.search(text or "") is not None
+
+
+def _register_functions(conn: sqlite3.Connection) -> None:
+    conn.create_function("rw_in_network", 2, _in_network, deterministic=True)
+    conn.create_function("rw_search", 2, _search, deterministic=True)
+
+
+def _replace(conn: sqlite3.Connection, queue_id: str, expected: tuple[int, ...],
+             notice: MessageIn | None, notice_id: str) -> str | None:
+    rows = conn.execute("SELECT id FROM recipient WHERE message_id = ? AND state IN"
+                        " ('pending', 'deferred') ORDER BY id", (queue_id,)).fetchall()
+    if not rows or tuple(r[0] for r in rows) != expected:
+        return None
+    if notice is not None:
+        _insert(conn, notice_id, notice)
+    conn.execute("DELETE FROM message WHERE id = ?", (queue_id,))
+    return notice_id
 
 
 # ---------------------------------------------------------------------- SQL helpers
