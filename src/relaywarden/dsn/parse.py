@@ -225,6 +225,10 @@ def _is_feedback_report(msg: email.message.Message) -> bool:
         return True
     if any(_content_type(p) == "message/feedback-report" for p in _walk(msg)):
         return True
+    # Microsoft's JMRP complaints: the reported message, marked with the complainer's address.
+    for part in msg.walk():
+        if part.get("X-HmXmrOriginalRecipient"):
+            return True
     return False
 
 
@@ -298,6 +302,12 @@ def _delivery_status_texts(msg: email.message.Message) -> list[str]:
 def _read_delivery_status(msg: email.message.Message) -> BounceReport | None:
     texts = _delivery_status_texts(msg)
     if not texts:
+        # A DSN whose MIME structure broke on the way (a missing Content-Type, a forwarded
+        # copy): its per-recipient fields are still there as lines of text.
+        body = _decoded_text(msg) if not msg.is_multipart() else ""
+        if re.search(r"(?im)^[> \t]*Final-Recipient:", body) and re.search(r"(?im)^[> \t]*Status:", body):
+            texts = [re.sub(r"(?m)^> ?", "", body)]
+    if not texts:
         return None
     reporting = ""
     recipients: list[FailedRecipient] = []
@@ -339,7 +349,10 @@ def _recipient_from_block(block: dict[str, str]) -> FailedRecipient | None:
     status_field = _first_enhanced(block.get("status", ""))
     code = _basic_code(diagnostic)
     from_reply = _enhanced_in_reply(diagnostic, code)
-    if status_field and not (status_field.endswith(".0.0") and from_reply and from_reply[0] == status_field[0]):
+    if from_reply and (not status_field or from_reply[0] == status_field[0]):
+        # The remote server's own enhanced code is more precise than the reporting MTA's summary.
+        status, source = from_reply, "reply"
+    elif status_field:
         status, source = status_field, "status-field"
     else:
         status, source = _status_of_reply(code, diagnostic, action == "delayed")
@@ -364,7 +377,7 @@ def _recipient_from_block(block: dict[str, str]) -> FailedRecipient | None:
 
 _ENH = r"([245])\.(\d{1,3})\.(\d{1,3})"
 _ENHANCED_RE = re.compile(r"(?<![\w.])#?" + _ENH + r"(?![\d.]\d)")
-_BASIC_RE = re.compile(r"(?<![\w.#-])([245][0-5]\d)(?:[ \t-]|$)(?![\d:]|\d{2}:)", re.MULTILINE)
+_BASIC_RE = re.compile(r"(?<![\w.#:/-])([245][0-5]\d)(?=[ \t-]|$)", re.MULTILINE)
 
 
 def _first_enhanced(text: str) -> str | None:
@@ -372,7 +385,15 @@ def _first_enhanced(text: str) -> str | None:
     return ".".join(m.groups()) if m else None
 
 
+_CODE_THEN_ENHANCED = re.compile(r"(?<![\w.#:/-])([245])[0-5]\d[ \t-]+['\"(#]?" + _ENH + r"(?![\d.]\d)")
+
+
 def _enhanced_in_reply(text: str, code: int | None) -> str | None:
+    """The enhanced code of a reply: the one right after a basic code first ("550 5.2.2"),
+    else the first one whose class agrees with the basic code."""
+    for m in _CODE_THEN_ENHANCED.finditer(text[:2000]):
+        if m.group(1) == m.group(2) and (code is None or m.group(1) == str(code)[0]):
+            return ".".join(m.groups()[1:])
     for m in _ENHANCED_RE.finditer(text[:2000]):
         status = ".".join(m.groups())
         if code is None or status[0] == str(code)[0]:
@@ -492,9 +513,8 @@ def _amazon_ses_json(msg: email.message.Message) -> BounceReport | None:
         start = body.find("{")
         if start < 0 or '"notificationType"' not in body and '"eventType"' not in body:
             continue
-        try:
-            data = json.loads(body[start:body.rfind("}") + 1])
-        except ValueError:
+        data = _json_object(body[start:body.rfind("}") + 1])
+        if data is None:
             continue
         if isinstance(data, dict) and isinstance(data.get("Message"), str):
             try:
@@ -503,6 +523,16 @@ def _amazon_ses_json(msg: email.message.Message) -> BounceReport | None:
                 continue
         if isinstance(data, dict):
             return _ses_report(data)
+    return None
+
+
+def _json_object(text: str) -> object:
+    """JSON as it arrives by mail: long lines may have been folded ("!" + newline + space)."""
+    for candidate in (text, re.sub(r"!?\n ", "", text)):
+        try:
+            return json.loads(candidate)
+        except (ValueError, RecursionError):
+            continue
     return None
 
 
@@ -558,14 +588,25 @@ def _notice_text(msg: email.message.Message) -> str:
         ctype = _content_type(part)
         if part.is_multipart():
             continue
-        if ctype == "text/plain" or ctype == "text/enriched" or part is msg and not ctype.startswith("text/html"):
+        if ctype in ("text/plain", "text/enriched") or ctype.startswith("multipart/") or (
+                part is msg and not ctype.startswith("text/html")):
             plain.append(_decoded_text(part))
         elif ctype == "text/html":
             html.append(_html_to_text(_decoded_text(part)))
         elif ctype.startswith("message/") and "delivery-status" in ctype:
             plain.append(_decoded_text(part))
     text = "\n".join(plain) if plain and any(p.strip() for p in plain) else "\n".join(html)
-    return _cut_returned(text[:MAX_NOTICE * 4])[:MAX_NOTICE]
+    return _cut_returned(_unquote(text[:MAX_NOTICE * 4]))[:MAX_NOTICE]
+
+
+def _unquote(text: str) -> str:
+    """A bounce forwarded as a quotation ("> " on every line) read as the bounce itself."""
+    lines = text.split("\n")
+    quoted = [line for line in lines if line.startswith(">")]
+    if len(quoted) < 5 or len(quoted) * 2 < len([line for line in lines if line.strip()]):
+        return text
+    return "\n".join(line[2:] if line.startswith("> ") else line[1:] if line.startswith(">") else line
+                     for line in lines)
 
 
 def _cut_returned(text: str) -> str:
@@ -583,14 +624,15 @@ def _cut_returned(text: str) -> str:
 
 
 _LEAD_ADDRESS = re.compile(
-    r"^[ \t>*-]*(?:(?:RCPT TO|Recipient address|Original-Recipient|Final-Recipient|Failed recipient|"
+    r"^[ \t>*-]*(?:[245]\d\d[ \t-]+(?:[245]\.\d{1,3}\.\d{1,3}[ \t]+)?)?(?:(?:RCPT TO|Recipient address|Original-Recipient|Final-Recipient|Failed recipient|"
     r"Recipient|Address|To|Mailbox|Empf[a-z]+nger|Destinataire|rfc822)[ \t]*:?[ \t]*)?"
     r"(?:\"[^\"\n]{0,80}\"[ \t]*|[^<>@\n:]{0,40})?"
     r"<?(" + _ADDRESS + r")>?(?P<rest>.*)$", re.IGNORECASE)
 _PHRASE_ADDRESS = re.compile(
     r"(?:delivering your (?:mail|message) to|could not be delivered to|delivery to|deliver(?:ed)? to|"
-    r"failed to deliver to|undeliverable to|not be delivered to|address(?:es)? failed:|recipient:|"
-    r"unable to deliver (?:your message )?to|rejected your message to|for(?: the)? recipient|user)"
+    r"failed to deliver to|undeliverable to|not be delivered to|address(?:es)? failed:|recipients?:|errors?:"
+    r"|failed:|address:|"
+    r"unable to deliver (?:your |the )?(?:message |mail )?to|RCPT TO:|rejected your message to|for(?: the)? recipient|user)"
     r"[ \t:]*<?(" + _ADDRESS + r")>?", re.IGNORECASE)
 
 
@@ -637,7 +679,8 @@ def _line_recipient(line: str, excluded: set[str]) -> str | None:
     m = _LEAD_ADDRESS.match(line)
     if m is not None:
         address = m.group(1).lower().rstrip(".")
-        if address not in excluded and _address_leads(line, m):
+        alone = m.group("rest").strip() in ("", ":") and not line[: m.start(1)].strip(" \t<>")
+        if (alone or address not in excluded) and _address_leads(line, m):
             return address
     p = _PHRASE_ADDRESS.search(line)
     if p is not None:
@@ -650,7 +693,7 @@ def _line_recipient(line: str, excluded: set[str]) -> str | None:
 def _address_leads(line: str, m: re.Match[str]) -> bool:
     """The address is the subject of the line: at its start, or after a recipient label."""
     before = line[: m.start(1)]
-    label = re.sub(r"[\s<>\"*>-]", "", before)
+    label = re.sub(r"^[245]\d\d([245]\.\d{1,3}\.\d{1,3})?", "", re.sub(r"[\s<>\"*>-]", "", before))
     rest = m.group("rest").strip()
     if rest.startswith("@"):
         return False
