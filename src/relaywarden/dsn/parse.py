@@ -130,6 +130,9 @@ def read_bounce(data: bytes | str) -> BounceReport:
     dsn = _read_delivery_status(msg)
     if dsn is not None and dsn.recipients:
         return _with_subject(dsn, subject)
+    forwarded = _forwarded_delivery_status(msg)
+    if forwarded is not None:
+        return _with_subject(forwarded, subject)
     notice = _notice_text(msg)
     if _is_auto_reply(msg, subject, notice):
         return BounceReport("auto-reply", "rfc3834", subject=subject,
@@ -291,6 +294,21 @@ def _field_blocks(text: str) -> list[dict[str, str]]:
     return blocks
 
 
+def _forwarded_delivery_status(msg: email.message.Message) -> BounceReport | None:
+    """A DSN returned or forwarded inside another message (message/rfc822), read one level deep."""
+    for part in _walk(msg):
+        if _content_type(part) != "message/rfc822":
+            continue
+        payload = part.get_payload()
+        inner = payload[0] if isinstance(payload, list) and payload else None
+        if isinstance(inner, email.message.Message) and _content_type(inner) == "multipart/report":
+            report = _read_delivery_status(inner)
+            if report is not None and report.recipients:
+                return BounceReport(report.kind, report.format, report.recipients, report.reporting_mta,
+                                    notes=("the delivery-status report was found inside an enclosed message",))
+    return None
+
+
 def _delivery_status_texts(msg: email.message.Message) -> list[str]:
     texts = []
     for part in _walk(msg):
@@ -324,7 +342,7 @@ def _read_delivery_status(msg: email.message.Message) -> BounceReport | None:
     return BounceReport(kind, "rfc3464", tuple(recipients), reporting, notes=notes)
 
 
-_DSN_ACTIONS_REPORTED = ("failed", "delayed", "")
+_DSN_ACTIONS_REPORTED = ("failed", "delayed", "expired", "")
 
 
 def _strip_type(value: str) -> str:
@@ -358,7 +376,9 @@ def _recipient_from_block(block: dict[str, str]) -> FailedRecipient | None:
         status, source = _status_of_reply(code, diagnostic, action == "delayed")
         if status_field and status.endswith(".0.0"):
             status, source = status_field, "status-field"
-    if not action:
+    if action == "expired" and not status_field and not from_reply:
+        status, source = "5.4.7", "wording"
+    if action in ("", "expired"):
         action = "delayed" if status.startswith("4") else "failed"
     return FailedRecipient(
         address=address,
@@ -377,7 +397,7 @@ def _recipient_from_block(block: dict[str, str]) -> FailedRecipient | None:
 
 _ENH = r"([245])\.(\d{1,3})\.(\d{1,3})"
 _ENHANCED_RE = re.compile(r"(?<![\w.])#?" + _ENH + r"(?![\d.]\d)")
-_BASIC_RE = re.compile(r"(?<![\w.#:/-])([245][0-5]\d)(?=[ \t-]|$)", re.MULTILINE)
+_BASIC_RE = re.compile(r"(?<![\w.#/-])([245][0-5]\d)(?=[ \t,-]|$)", re.MULTILINE)
 
 
 def _first_enhanced(text: str) -> str | None:
@@ -437,6 +457,9 @@ def _status_from_wording(text: str, klass: str) -> str | None:
     return None
 
 
+_RETRIED = re.compile(
+    r"retry timeout exceeded|retry time not reached|will be retried|warning message only|has been delayed"
+    r"|not yet been delivered|delivery (is )?delayed|have been failing for a long time", re.IGNORECASE)
 _TEMPORARY = re.compile(
     r"temporar|try(ing)? again|will (be )?retr|not yet been delivered|delayed|deferred|will keep trying"
     r"|still trying|warning:", re.IGNORECASE)
@@ -489,9 +512,11 @@ _ADDRESS_RE = re.compile(_ADDRESS)
 def _clean_address(value: str) -> str:
     value = value.strip().strip("<>").strip()
     m = _ADDRESS_RE.search(value)
-    if m is None:
-        return ""
-    return m.group(0).lower()
+    if m is not None:
+        return m.group(0).lower()
+    # A DSN field may name a host without a dot ("kijitora@mailhub0"): take it as it is.
+    local = re.fullmatch(r"[^\s@<>\"]{1,64}@[A-Za-z0-9-]{1,63}", value)
+    return local.group(0).lower() if local else ""
 
 
 def _dedupe(recipients: Iterable[FailedRecipient]) -> list[FailedRecipient]:
@@ -511,7 +536,7 @@ def _amazon_ses_json(msg: email.message.Message) -> BounceReport | None:
             continue
         body = _decoded_text(part).strip()
         start = body.find("{")
-        if start < 0 or '"notificationType"' not in body and '"eventType"' not in body:
+        if start < 0 or "notificationType" not in body and "eventType" not in body:
             continue
         data = _json_object(body[start:body.rfind("}") + 1])
         if data is None:
@@ -574,7 +599,7 @@ _RETURNED_MARKER = re.compile(
     r"|below this line is a copy|returned message|undelivered message|message headers follow"
     r"|headers of the original|original message (headers )?follows|unsent message below"
     r"|the (first .* lines|text) of the (original |returned )?message|included is a copy"
-    r"|your message reads|the original message was|rfc822 message|message text follows"
+    r"|your message reads|the original message was:|rfc822 message|message text follows"
     r"|this is the original message|returned mail follows|below is a copy)", re.IGNORECASE)
 _HEADER_START = re.compile(r"^(Return-Path|Received|DKIM-Signature|Message-I[dD]|X-Received|"
                            r"Authentication-Results|ARC-Seal):", re.IGNORECASE)
@@ -636,6 +661,10 @@ _PHRASE_ADDRESS = re.compile(
     r"[ \t:]*<?(" + _ADDRESS + r")>?", re.IGNORECASE)
 
 
+# "User mailbox exceeds allowed size: kijitora@example.co.jp" -- a sentence, a colon, the address.
+_TRAILING_ADDRESS = re.compile(r"^\s*[A-Za-z][^:@<>\n]{0,80}\s[^:@<>\n]{0,80}:\s*<?(" + _ADDRESS + r")>?\s*\.?\s*$")
+
+
 @dataclass(slots=True)
 class _Block:
     address: str
@@ -654,8 +683,11 @@ def _excluded_addresses(msg: email.message.Message) -> set[str]:
 def _recipient_blocks(notice: str, excluded: set[str]) -> list[_Block]:
     blocks: list[_Block] = []
     current: _Block | None = None
+    previous = ""
     for line in notice.split("\n")[:3000]:
-        address = _line_recipient(line, excluded)
+        address = None if _SENDER_INTRO.search(previous) else _line_recipient(line, excluded)
+        if line.strip():
+            previous = line
         if address is not None:
             if current is not None and current.address == address:
                 current.lines.append(line)
@@ -669,6 +701,8 @@ def _recipient_blocks(notice: str, excluded: set[str]) -> list[_Block]:
     return blocks
 
 
+# "A message sent by" / "from" on the line before: the next address is the sender's.
+_SENDER_INTRO = re.compile(r"(sent by|\bfrom|sender( address)?)\s*:?\s*$", re.IGNORECASE)
 _NOT_RECIPIENT_LEAD = re.compile(r"^\s*(from|sender|reply-to|return-path|envelope-from|by|cc|message-id)\b",
                                  re.IGNORECASE)
 
@@ -682,6 +716,9 @@ def _line_recipient(line: str, excluded: set[str]) -> str | None:
         alone = m.group("rest").strip() in ("", ":") and not line[: m.start(1)].strip(" \t<>")
         if (alone or address not in excluded) and _address_leads(line, m):
             return address
+    e = _TRAILING_ADDRESS.match(line)
+    if e is not None and e.group(1).lower() not in excluded:
+        return e.group(1).lower()
     p = _PHRASE_ADDRESS.search(line)
     if p is not None:
         address = p.group(1).lower().rstrip(".")
@@ -706,8 +743,8 @@ def _address_leads(line: str, m: re.Match[str]) -> bool:
 _REMOTE_HOST = re.compile(
     r"(?:host|server|mx|by)\s+\[?([A-Za-z0-9][A-Za-z0-9.-]*\.[A-Za-z]{2,}|\d{1,3}(?:\.\d{1,3}){3})\]?", re.IGNORECASE)
 _REPLY_LINE = re.compile(
-    r"(?:^|said:|says:|said|reason:|error:|returned:|replied:|response:|\]:|\):|:)\s*"
-    r"(#?[245]\d\d[ \t-].*|#?[245]\.\d{1,3}\.\d{1,3}.*)", re.IGNORECASE)
+    r"(?:^|said:|says:|said|reason:|error:|returned:|replied:|response:|\]:|\):|:)\s*\[?"
+    r"(#?[245]\d\d[ \t,-].*|#?[245]\.\d{1,3}\.\d{1,3}.*)", re.IGNORECASE)
 
 
 def _block_reply(lines: list[str]) -> tuple[int | None, str]:
@@ -735,7 +772,9 @@ def _read_text_bounce(msg: email.message.Message, notice: str) -> BounceReport:
     if not blocks:
         failed = msg.get("X-Failed-Recipients", "")
         blocks = [_Block(m.group(0).lower(), []) for m in _ADDRESS_RE.finditer(failed)]
-    temporary = bool(_TEMPORARY.search(notice[:3000])) and not re.search(
+    if not blocks and (_from_mail_system(msg) or _looks_like_failure(_header_text(msg.get("Subject", "")))):
+        blocks = [_Block(address, []) for address in _returned_recipients(msg)]
+    notice_temporary = bool(_TEMPORARY.search(notice[:3000])) and not re.search(
         r"permanent|fatal|given up|giving up|could not be delivered", notice[:3000], re.IGNORECASE)
     recipients = []
     for block in blocks:
@@ -744,7 +783,11 @@ def _read_text_bounce(msg: email.message.Message, notice: str) -> BounceReport:
             code2, reply2 = _block_reply(notice.split("\n"))
             if code2 is not None:
                 code, reply = code2, reply2
-        status, source = _status_of_reply(code, reply or "\n".join(block.lines), temporary)
+            elif not block.lines:
+                reply = " ".join(notice.split())[:1000]
+        block_text = "\n".join(block.lines) or notice
+        temporary = bool(_RETRIED.search(block_text)) or notice_temporary
+        status, source = _status_of_reply(code, reply or block_text, temporary)
         host = _REMOTE_HOST.search(" ".join(block.lines))
         recipients.append(FailedRecipient(
             address=block.address, status=status, status_source=source,
@@ -754,6 +797,24 @@ def _read_text_bounce(msg: email.message.Message, notice: str) -> BounceReport:
     reporting = _reporting_mta(msg)
     return BounceReport("bounce" if recipients else "not-a-bounce", _format_name(msg, notice),
                         tuple(recipients), reporting)
+
+
+def _returned_recipients(msg: email.message.Message) -> list[str]:
+    """The To and Cc of the returned message: the last resort of a bounce that names no recipient."""
+    for part in msg.walk():
+        if _content_type(part) not in ("message/rfc822", "text/rfc822-headers", "message/rfc822-headers"):
+            continue
+        payload = part.get_payload()
+        inner = payload[0] if isinstance(payload, list) and payload else None
+        if isinstance(inner, email.message.Message):
+            headers = inner
+        else:
+            headers = email.message_from_string(str(payload or "")[:MAX_NOTICE], policy=email.policy.compat32)
+        found = [m.group(0).lower() for name in ("To", "Cc")
+                 for m in _ADDRESS_RE.finditer(_header_text(headers.get(name, "")))]
+        if found:
+            return found[:MAX_RECIPIENTS]
+    return []
 
 
 def _reporting_mta(msg: email.message.Message) -> str:
