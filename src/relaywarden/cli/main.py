@@ -190,6 +190,14 @@ try:
 except ImportError:
     pass
 
+from .events_cmd import events_command  # noqa: E402 - the commands import the options above
+from .queue_cmd import queue_group  # noqa: E402
+from .why_cmd import why_command  # noqa: E402
+
+main.add_command(queue_group)
+main.add_command(events_command)
+main.add_command(why_command)
+
 
 if __name__ == "__main__":
     main()
