@@ -67,7 +67,8 @@ class BounceReport:
     """What a message says about delivery.
 
     ``kind``: "bounce" (at least one failed or delayed recipient), "abuse-report" (an ARF
-    feedback report), "auto-reply" (a vacation or other RFC 3834 answer), "not-a-bounce"
+    feedback report or a provider's complaint), "auto-reply" (a vacation or other RFC 3834
+    answer), "delivery-report" (a notification of success), "not-a-bounce"
     (nothing in it reports a delivery) or "unreadable" (the parser gave up; ``notes`` says why).
     ``format`` names the layout that was read ("rfc3464", "exim", "qmail", ...).
     """
@@ -128,7 +129,7 @@ def read_bounce(data: bytes | str) -> BounceReport:
     if ses is not None:
         return _with_subject(ses, subject)
     dsn = _read_delivery_status(msg)
-    if dsn is not None and dsn.recipients:
+    if dsn is not None and (dsn.recipients or dsn.kind == "delivery-report"):
         return _with_subject(dsn, subject)
     forwarded = _forwarded_delivery_status(msg)
     if forwarded is not None:
@@ -329,20 +330,28 @@ def _read_delivery_status(msg: email.message.Message) -> BounceReport | None:
         return None
     reporting = ""
     recipients: list[FailedRecipient] = []
+    succeeded = 0
     for text in texts:
         for block in _field_blocks(text):
             if "reporting-mta" in block and not reporting:
                 reporting = _strip_type(block["reporting-mta"])
+            if block.get("action", "").strip().lower() in _DSN_ACTIONS_SUCCESS:
+                succeeded += 1
             rcpt = _recipient_from_block(block)
             if rcpt is not None and len(recipients) < MAX_RECIPIENTS:
                 recipients.append(rcpt)
     recipients = _dedupe(recipients)
+    if not recipients and succeeded:
+        return BounceReport("delivery-report", "rfc3464", (), reporting,
+                            notes=("a delivery status notification of success (delivered, relayed, expanded "
+                                   "or deliverable): nothing failed",))
     kind = "bounce" if recipients else "not-a-bounce"
     notes = () if recipients else ("a delivery-status part with no failed or delayed recipient",)
     return BounceReport(kind, "rfc3464", tuple(recipients), reporting, notes=notes)
 
 
 _DSN_ACTIONS_REPORTED = ("failed", "delayed", "expired", "")
+_DSN_ACTIONS_SUCCESS = ("delivered", "relayed", "expanded", "deliverable")
 
 
 def _strip_type(value: str) -> str:
@@ -409,11 +418,13 @@ _CODE_THEN_ENHANCED = re.compile(r"(?<![\w.#:/-])([245])[0-5]\d[ \t-]+['\"(#]?" 
 
 
 def _enhanced_in_reply(text: str, code: int | None) -> str | None:
-    """The enhanced code of a reply: the one right after a basic code first ("550 5.2.2"),
+    """The enhanced code of a reply: the one right after the first basic code ("550 5.2.2"),
     else the first one whose class agrees with the basic code."""
-    for m in _CODE_THEN_ENHANCED.finditer(text[:2000]):
-        if m.group(1) == m.group(2) and (code is None or m.group(1) == str(code)[0]):
-            return ".".join(m.groups()[1:])
+    m = _CODE_THEN_ENHANCED.search(text[:2000])
+    if m is not None:
+        # The pair the server sent ("554 4.4.7 Message expired"): its enhanced code is the status
+        # even when its class disagrees with the basic code's.
+        return ".".join(m.groups()[1:])
     for m in _ENHANCED_RE.finditer(text[:2000]):
         status = ".".join(m.groups())
         if code is None or status[0] == str(code)[0]:
@@ -567,7 +578,7 @@ def _ses_report(data: dict[str, object]) -> BounceReport:
         return BounceReport("abuse-report", "amazon-ses", notes=("an Amazon SES complaint notification: a "
                                                                  "recipient marked the message as spam",))
     if kind == "Delivery":
-        return BounceReport("not-a-bounce", "amazon-ses", notes=("an Amazon SES delivery notification",))
+        return BounceReport("delivery-report", "amazon-ses", notes=("an Amazon SES delivery notification",))
     bounce = data.get("bounce") if isinstance(data.get("bounce"), dict) else {}
     assert isinstance(bounce, dict)
     temporary = str(bounce.get("bounceType", "")).lower() == "transient"
@@ -743,7 +754,7 @@ def _address_leads(line: str, m: re.Match[str]) -> bool:
 _REMOTE_HOST = re.compile(
     r"(?:host|server|mx|by)\s+\[?([A-Za-z0-9][A-Za-z0-9.-]*\.[A-Za-z]{2,}|\d{1,3}(?:\.\d{1,3}){3})\]?", re.IGNORECASE)
 _REPLY_LINE = re.compile(
-    r"(?:^|said:|says:|said|reason:|error:|returned:|replied:|response:|\]:|\):|:)\s*\[?"
+    r"(?:^|said:|says:|said|reason:|error:|returned:|replied:|response:|\]:|\):|:|;|\s(?=#))\s*\[?"
     r"(#?[245]\d\d[ \t,-].*|#?[245]\.\d{1,3}\.\d{1,3}.*)", re.IGNORECASE)
 
 
