@@ -199,5 +199,10 @@ main.add_command(events_command)
 main.add_command(why_command)
 
 
+from .ndr_cmd import ndr as ndr_group  # noqa: E402
+
+main.add_command(ndr_group, "ndr")
+
+
 if __name__ == "__main__":
     main()
