@@ -195,8 +195,7 @@ def why_command(decision: str, as_json: bool, data_dir: Path) -> None:
         sys.exit(1)
     explained = [explain_decision(r) for r in records]
     if as_json:
-        click.echo(json.dumps(explained[0] if len(explained) == 1 else explained[-1],
-                              indent=2, ensure_ascii=False))
+        click.echo(json.dumps(explained[-1], indent=2, ensure_ascii=False))
         return
     console = Console(highlight=False, soft_wrap=True)
     for d in explained:
