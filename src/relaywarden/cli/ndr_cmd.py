@@ -11,12 +11,13 @@ be read.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import click
 
-from ..dsn.causes import Cause, explain_status
+from ..dsn.causes import Cause, describe_enhanced, explain_status
 from ..dsn.parse import BounceReport, FailedRecipient, parse_bounce
 
 __all__ = ["explain_recipient", "ndr", "report_dict"]
@@ -31,10 +32,28 @@ _KIND_WORDS = {
 }
 
 
+_NO_CONTACT = re.compile(r"connect|timed? ?out|unreachable|not reachable|dns|lookup|host not found|resolv",
+                         re.IGNORECASE)
+
+
 def explain_recipient(rcpt: FailedRecipient) -> Cause:
-    """The cause and fix for one failed recipient (causes.py's table)."""
+    """The cause and fix for one failed recipient (causes.py's table).
+
+    A bounce that quotes the remote reply without its basic code still reports a reply: it is
+    matched as a reply of its class (5xx/4xx), not as "no reply at all", and when no named cause
+    fits, the RFC 3463 meaning of its status is given without inventing a basic code.
+    """
     enhanced = rcpt.status if rcpt.status_source != "class" else None
-    return explain_status(rcpt.reply_code, enhanced, rcpt.remote_reply, rcpt.command)
+    if rcpt.reply_code is not None or not rcpt.remote_reply or _NO_CONTACT.search(rcpt.remote_reply):
+        return explain_status(rcpt.reply_code, enhanced, rcpt.remote_reply, rcpt.command)
+    as_reply = explain_status(int(rcpt.status[0]) * 100 + 50, enhanced, rcpt.remote_reply, rcpt.command)
+    if as_reply.key != "rfc3463":
+        return as_reply.with_status(rcpt.status)
+    fix = ("Our server will keep retrying for a while." if rcpt.status.startswith("4")
+           else "Read the remote reply below and correct what it names before sending again.")
+    return Cause("rfc3463", describe_enhanced(rcpt.status).split("; ")[-1].split(" (")[0].capitalize(),
+                 f"Delivery failed with status {rcpt.status}: {describe_enhanced(rcpt.status)}.", fix,
+                 rcpt.status, rcpt.status.startswith("5"))
 
 
 def report_dict(report: BounceReport) -> dict[str, object]:

@@ -455,6 +455,8 @@ _WORDING: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"message (is )?too (big|large)|message size exceeds|exceeds (the )?(maximum )?(message )?size"
          r"|size limit", "x.3.4"),
         (r"mail loop|too many hops|routing loop|loop detected", "x.4.6"),
+        (r"could not deliver for the last \d+ seconds|retry timeout exceeded|message expired"
+         r"|too long in (the )?queue", "x.4.7"),
         (r"relay(ing)? (access )?(denied|not permitted|prohibited)|unable to relay|not permitted to relay",
          "x.7.1"),
     )
