@@ -169,3 +169,153 @@ def test_null_sender_never_gets_an_ndr(world):
     wait(lambda: queue_count(srv) == 0)
     time.sleep(1.5)     # info events reach the disk within a second
     assert not any(e["name"] == "NDR_GENERATED" for e in srv.events())
+
+
+# --- a second relaywarden as the next hop: smarthost with STARTTLS + AUTH, relay refusals -------
+
+PEER_CONFIG = """
+[server]
+hostname = "smarthost.example.net"
+auth_failure_delay = 0.0
+
+[[listener]]
+name = "mx"
+address = "127.0.0.1"
+port = {port:mx}
+tls = "starttls"
+certificate = "{cert}"
+key = "{key}"
+
+[[listener]]
+name = "submission"
+address = "127.0.0.1"
+port = {port:submission}
+tls = "starttls"
+certificate = "{cert}"
+key = "{key}"
+require_tls = true
+anonymous = false
+auth = ["PLAIN", "LOGIN"]
+allow_authenticated = true
+
+[[domain]]
+name = "example.net"
+
+[[mailbox]]
+address = "relay@example.net"
+
+[[route]]
+name = "out"
+domains = ["*"]
+kind = "smarthost"
+hosts = ["127.0.0.1:SINKPORT"]
+tls = "none"
+
+[delivery]
+poll_interval = 0.2
+"""
+
+SMARTHOST_CONFIG = """
+[server]
+hostname = "mx.example.test"
+
+[[listener]]
+name = "submission"
+address = "127.0.0.1"
+port = {port:submission}
+tls = "none"
+anonymous = false
+auth = ["PLAIN"]
+auth_plaintext = true
+allow_authenticated = true
+
+[[domain]]
+name = "example.test"
+
+[[mailbox]]
+address = "alice@example.test"
+
+[[route]]
+name = "smarthost"
+domains = ["*"]
+kind = "smarthost"
+hosts = ["127.0.0.1:PEERPORT"]
+tls = "TLSPOLICY"
+ca_file = "CAFILE"
+CREDENTIALS
+
+[delivery]
+min_backoff = 1.0
+max_backoff = 2.0
+max_lifetime = 3600.0
+poll_interval = 0.2
+"""
+
+
+@pytest.fixture
+def chain(tmp_path, start_server, ca):
+    """alice -> relaywarden A -> smarthost (relaywarden B, STARTTLS+AUTH) -> smtp-sink."""
+    stops: list = []
+
+    def make(*, listener: str = "submission", credentials: bool = True, tls: str = "required"):
+        peer_sink = sink.SmtpSink(tmp_path).start()
+        stops.append(peer_sink.stop)
+        peer = start_server(PEER_CONFIG.replace("SINKPORT", str(peer_sink.port)),
+                            users={"relay@example.net": "relay-pw"}, name="peer")
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        pw = tmp_path / "route-password"
+        pw.write_text("relay-pw\n")
+        creds = f'username = "relay@example.net"\npassword_file = "{pw}"' if credentials else ""
+        config = (SMARTHOST_CONFIG.replace("PEERPORT", str(peer.ports[listener])).replace("TLSPOLICY", tls)
+                  .replace("CAFILE", str(ca_file)).replace("CREDENTIALS", creds))
+        srv = start_server(config, users={"alice@example.test": "pw"}, name="relay")
+        return srv, peer, peer_sink
+
+    yield make
+    for s in stops:
+        s()
+
+
+def test_smarthost_with_starttls_and_auth_delivers(chain):
+    srv, peer, peer_sink = chain()
+    submit(srv, ["carol@example.org"])
+    [msg] = peer_sink.wait_for(1)
+    assert msg.count(b"Received: from") >= 2          # through both relays
+    assert peer.wait_for_event(lambda e: e["name"] == "AUTH_SUCCEEDED" and e.get("user") == "relay@example.net")
+
+
+def test_route_without_credentials_bounces_with_the_scenario_5_fix(chain):
+    srv, _, _ = chain(credentials=False)
+    submit(srv, ["carol@example.org"])
+    [ndr] = wait(lambda: maildir_messages(srv))
+    text = ndr.as_string()
+    assert "530" in text and "5.7.0" in text
+    assert "username" in text and "password_file" in text      # the fix names the route's keys
+    assert "do not have permission" not in text
+
+
+def test_remote_relay_denial_is_explained_not_called_a_permission_problem(chain):
+    # the next hop's anonymous mx listener refuses to relay for us: 550 5.7.1
+    srv, _, _ = chain(listener="mx", credentials=False, tls="opportunistic")
+    submit(srv, ["carol@example.org"])
+    [ndr] = wait(lambda: maildir_messages(srv))
+    human = next(p for p in ndr.walk() if p.get_content_type() == "text/plain").get_payload(decode=True).decode()
+    assert "5.7.1" in ndr.as_string()
+    assert "relay" in human.lower() and "do not have permission" not in human
+
+
+def test_unreachable_host_defers_and_keeps_the_message(world):
+    srv, peer = world()
+    peer.stop()                                            # nothing listens on the MX port now
+    submit(srv, ["bob@dest.test"])
+    event = wait(lambda: next((e for e in srv.events() if e["name"] == "DEFERRED"), None))
+    assert event["fields"]["command"] == "CONNECT"
+    assert queue_count(srv) == 1
+
+
+def test_connection_dropped_mid_data_is_retried(world):
+    srv, peer = world("-q", ".")                           # smtp-sink hangs up after the final dot
+    submit(srv, ["bob@dest.test"])
+    assert wait(lambda: len([e for e in srv.events() if e["name"] == "DEFERRED"]) >= 1)
+    assert queue_count(srv) == 1
