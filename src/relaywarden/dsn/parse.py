@@ -771,6 +771,8 @@ def _block_reply(lines: list[str]) -> tuple[int | None, str]:
         code = _basic_code(reply)
         if code is None and not _ENHANCED_RE.match(reply):
             continue
+        if code is not None and code < 300 or code is None and reply.lstrip("#").startswith("2"):
+            continue  # a positive reply in a transcript ("250 2.1.5 Ok") is not the failure
         more = [x for x in joined[i + 1:i + 4] if x and not _LEAD_ADDRESS.match(x)]
         text = " ".join([reply, *more]) if not reply.rstrip().endswith(".") or more and more[0][:3].isdigit() \
             else reply
