@@ -328,3 +328,12 @@ def test_huge_and_deeply_nested_inputs_are_bounded() -> None:
     assert parse_bounce(nested).kind in {"not-a-bounce", "unreadable"}
     long_line = "From: x@example.com\n\n" + "<" * 200_000 + "a@b.example" + ">" * 10
     assert parse_bounce(long_line).kind in {"bounce", "not-a-bounce"}
+
+
+def test_eight_bit_headers_do_not_break_the_reader() -> None:
+    # compat32 hands back Header objects for raw 8-bit header bytes (found by mutating the corpus).
+    raw = (b"From: MAILER-DAEMON@relay.example.com\nTo: alice@example.com\nSubject: Mail delivery failed\n"
+           b"X-Failed-Recipients: bob@example.org \xff\xfe\nAuto-Submitted: auto-replied \xe9\n"
+           b"Received: by relay.example.com \xe9\n\nA message that you sent could not be delivered.\n")
+    report = read_bounce(raw)
+    assert [r.address for r in report.recipients] == ["bob@example.org"]

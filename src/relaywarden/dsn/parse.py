@@ -244,7 +244,7 @@ _AUTO_SUBJECT = re.compile(
 def _is_auto_reply(msg: email.message.Message, subject: str, notice: str) -> bool:
     if _looks_like_failure(subject) or _from_mail_system(msg) or _looks_like_failure(notice[:2000]):
         return False
-    auto = (msg.get("Auto-Submitted") or "").strip().lower()
+    auto = _header_text(msg.get("Auto-Submitted", "")).lower()
     if auto.startswith("auto-replied"):
         return True
     if msg.get("X-Autoreply") or msg.get("X-Autorespond"):
@@ -785,7 +785,7 @@ def _read_text_bounce(msg: email.message.Message, notice: str) -> BounceReport:
     excluded = _excluded_addresses(msg)
     blocks = _recipient_blocks(notice, excluded)
     if not blocks:
-        failed = msg.get("X-Failed-Recipients", "")
+        failed = _header_text(msg.get("X-Failed-Recipients", ""))
         blocks = [_Block(m.group(0).lower(), []) for m in _ADDRESS_RE.finditer(failed)]
     if not blocks and (_from_mail_system(msg) or _looks_like_failure(_header_text(msg.get("Subject", "")))):
         blocks = [_Block(address, []) for address in _returned_recipients(msg)]
@@ -833,7 +833,7 @@ def _returned_recipients(msg: email.message.Message) -> list[str]:
 
 
 def _reporting_mta(msg: email.message.Message) -> str:
-    received = msg.get("Received", "")
+    received = _header_text(msg.get("Received", ""))
     m = re.search(r"\bby\s+([A-Za-z0-9.-]+)", str(received))
     return m.group(1) if m else ""
 
