@@ -362,9 +362,16 @@ def test_domain_kinds_accept_legitimate_recipients(domain_kinds_srv):
     assert send_legitimate(domain_kinds_srv.ports["mx"], legit) == []
     contents = queue_contents(domain_kinds_srv)
     assert len(contents) == 1
-    (recipients,) = contents.values()
+    (qid, recipients), = contents.items()
     assert len(recipients) == len(legit)
     assert not any("relaytest" in r for r in recipients)
+    with SqliteQueue(domain_kinds_srv.data_dir / "queue.sqlite") as q:
+        decided = {r.original.strip("<>"): (r.verdict, r.route) for r in q.recipients(qid)}
+    assert decided["alice@example.test"][0] == "local"
+    assert decided["bob@shared.test"][0] == "local"
+    assert decided["unknown-user@shared.test"] == ("forward", "legacy")
+    assert decided["anyone@partner.test"] == ("forward", "partner")
+    assert not [v for v in decided.values() if v[0] == "relay"]
 
 
 # --- the battery can fail: a client that may relay is caught by it -----------------------------
