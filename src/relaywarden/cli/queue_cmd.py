@@ -108,7 +108,11 @@ def _emit_json(data: Any) -> None:
 
 
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    """Rich on a terminal; into a pipe or file, tables wide enough that grep sees whole rows."""
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(highlight=False, soft_wrap=True, width=200)
+    return console
 
 
 # ---------------------------------------------------------------------------------- group
