@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.support.server import DEFAULT_CONFIG, RelayServer
+from tests.support.server import QUEUE_ONLY_CONFIG, RelayServer
 
 
 @pytest.fixture(scope="session")
@@ -35,10 +35,10 @@ def client_tls(ca) -> ssl.SSLContext:
 
 @pytest.fixture
 def start_server(tmp_path, cert_files):
-    """start_server(config_text=DEFAULT_CONFIG, users={addr: password}) -> a running RelayServer."""
+    """start_server(config_text=QUEUE_ONLY_CONFIG, users={addr: password}) -> a running RelayServer."""
     servers: list[RelayServer] = []
 
-    def start(config: str = DEFAULT_CONFIG, *, users: dict[str, str] | None = None, name: str = "srv",
+    def start(config: str = QUEUE_ONLY_CONFIG, *, users: dict[str, str] | None = None, name: str = "srv",
               env: dict[str, str] | None = None) -> RelayServer:
         srv = RelayServer(config, tmp_path / name, cert=cert_files[0], key=cert_files[1], env=env)
         for address, password in (users or {}).items():
@@ -55,9 +55,9 @@ def start_server(tmp_path, cert_files):
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory, cert_files):
-    """One server on the test default configuration, shared by a module's dialog tests."""
+    """One server on the test default configuration (delivery off), shared by a module's dialog tests."""
     d = tmp_path_factory.mktemp("default")
-    srv = RelayServer(DEFAULT_CONFIG, d / "srv", cert=cert_files[0], key=cert_files[1])
+    srv = RelayServer(QUEUE_ONLY_CONFIG, d / "srv", cert=cert_files[0], key=cert_files[1])
     r = srv.run_cli("user", "add", "alice@example.test", "--password-stdin", "--data-dir", str(srv.data_dir),
                     input="correct horse\n")
     assert r.returncode == 0, r.stderr

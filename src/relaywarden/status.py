@@ -239,6 +239,10 @@ def bare_line_ending(which: str) -> Reply:
     )
 
 
+def nul_in_data() -> Reply:
+    return Reply(550, "5.6.0", "Message refused: NUL characters in message data (RFC 5322 2.3)")
+
+
 def non_ascii_without_8bitmime() -> Reply:
     return Reply(554, "5.6.1", "Message contains 8-bit data but BODY=8BITMIME was not declared")
 

@@ -340,10 +340,6 @@ def _refuse_mail_twice() -> core.SmtpServer:
     return server
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: when the error limit is reached by a refusal the driver answers (mail_result, "
-    "rcpt_result, auth_result, message_result), the core replies 421 and emits Closed, then "
-    "sets its state back to READY/MAIL/RCPT and goes on answering commands"))
 def test_error_limit_reached_by_a_driver_refusal_closes_the_session():
     server = _refuse_mail_twice()
     out = server.take_output()

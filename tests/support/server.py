@@ -71,6 +71,11 @@ kind = "mx"
 """
 
 
+# Dialog tests look at what was queued: delivery (and its DNS look-ups) stays off.
+NO_DELIVERY = "\n[delivery]\nenabled = false\n"
+QUEUE_ONLY_CONFIG = DEFAULT_CONFIG + NO_DELIVERY
+
+
 class RelayServer:
     """One relaywarden process.  ``ports[name]`` is each listener's port."""
 

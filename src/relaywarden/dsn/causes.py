@@ -421,6 +421,10 @@ RULES: tuple[Rule, ...] = (
     Rule(TOO_BIG, enhanced=_set("x.3.4", "x.2.3")),
     Rule(UNROUTABLE, enhanced=_set("x.4.4")),
     Rule(DNS_FAILURE, enhanced=_set("x.4.3")),
+    # Microsoft 365 / Exchange Online say 5.4.1 "Recipient address rejected: Access denied" for an
+    # unknown recipient (directory-based edge blocking), not for a connection problem.
+    Rule(UNKNOWN_USER, enhanced=_set("x.4.1"), pattern=_re(r"recipient address rejected|access denied",
+                                                          '"Recipient address rejected: Access denied" (Microsoft)')),
     Rule(CONNECTION_FAILED, enhanced=_set("x.4.1", "x.4.2")),
     # Replies without an enhanced code (older servers) recognised by their words.
     Rule(MAILBOX_FULL, codes=_set("4xx", "5xx"), pattern=_MAILBOX_FULL),

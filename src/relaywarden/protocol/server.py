@@ -161,7 +161,7 @@ class SmtpServer:
 
     def __init__(self, options: ServerOptions):
         self.opt = options
-        self.state = State.CONNECTED
+        self._state = State.CONNECTED
         self.tls = options.tls_active
         self.helo: str | None = None
         self.esmtp = False
@@ -186,6 +186,17 @@ class SmtpServer:
         self._bdat_skip: tuple[Reply, State] | None = None   # refused BDAT: reply and state to go back to
         self._chunks = bytearray()
         self._pending_path: Path | None = None
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        # CLOSED is final: a reply that reached the error limit must not be undone by the
+        # state change that follows it.
+        if self._state is not State.CLOSED:
+            self._state = value
 
     # --- driver interface -------------------------------------------------------------------
 
@@ -775,6 +786,8 @@ class SmtpServer:
     def _check_body(self, body: bytes, oversize: bool) -> tuple[Reply, str] | None:
         if oversize or len(body) > self.opt.max_message_size:
             return status.message_too_big(self.opt.max_message_size), "size"
+        if b"\x00" in body:
+            return status.nul_in_data(), "smuggling"
         crlf = body.count(b"\r\n")
         if body.count(b"\n") != crlf:
             return status.bare_line_ending("LF"), "smuggling"
