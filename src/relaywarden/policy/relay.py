@@ -20,6 +20,7 @@ with ``allow_authenticated`` on and the user's relay right intact, else 550 5.7.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import secrets
@@ -252,7 +253,7 @@ def access_list_match(access: AccessList, client: str,
     name = _rdns_name(rdns)
     for index, entry in enumerate(access.entries):
         if _entry_is_ip(entry):
-            if ip is not None and _ip_in(ip, ipaddress.ip_network(entry, strict=False)):
+            if ip is not None and _ip_in(ip, _network(entry)):
                 return index, entry
         elif name is not None and (name == entry or name.endswith("." + entry)):
             return index, entry
@@ -779,6 +780,12 @@ def _entry_is_ip(entry: str) -> bool:
     return ":" in entry or bool(re.fullmatch(r"[0-9./]+", entry))
 
 
+@functools.lru_cache(maxsize=4096)
+def _network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(entry, strict=False)
+
+
+@functools.lru_cache(maxsize=4096)
 def _client_ip(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     text = client.strip().strip("[]").split("%", 1)[0]
     if text.lower().startswith("ipv6:"):

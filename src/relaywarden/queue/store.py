@@ -171,7 +171,7 @@ class SqliteQueue(QueueBackend):
         path: Path,
         *,
         group_max: int = 512,
-        group_wait: float = 0.002,
+        group_wait: float = 0.0,
         busy_timeout: float = 10.0,
         max_pages: int | None = None,
     ) -> None:
