@@ -18,7 +18,7 @@ import time
 import pytest
 
 from relaywarden.queue.store import SqliteQueue
-from tests.support.relay_attempts import ACCEPTED, REFUSED, RelayAttempt, outcome, relay_attempts
+from relaywarden.diagnose.relay_attempts import ACCEPTED, REFUSED, RelayAttempt, outcome, relay_attempts
 from tests.support.server import DEFAULT_CONFIG, RelayServer
 from tests.support.smtp import SmtpConn
 

@@ -184,24 +184,22 @@ def user_hash(password_stdin: bool) -> None:
     click.echo(hash_password(_password(None, password_stdin)))
 
 
-try:
-    from .explain import explain_command
-    main.add_command(explain_command, "explain")
-except ImportError:
-    pass
-
-from .events_cmd import events_command  # noqa: E402 - the commands import the options above
+# The other commands live in modules of their own; they import the options above.
+from .doctor_cmd import doctor_command_factory  # noqa: E402
+from .events_cmd import events_command  # noqa: E402
+from .explain import explain_command  # noqa: E402
+from .ndr_cmd import ndr as ndr_group  # noqa: E402
 from .queue_cmd import queue_group  # noqa: E402
+from .relay_test_cmd import relay_test_command  # noqa: E402
 from .why_cmd import why_command  # noqa: E402
 
+main.add_command(explain_command, "explain")
 main.add_command(queue_group)
 main.add_command(events_command)
 main.add_command(why_command)
-
-
-from .ndr_cmd import ndr as ndr_group  # noqa: E402
-
 main.add_command(ndr_group, "ndr")
+main.add_command(doctor_command_factory(config_option, data_dir_option, load))
+main.add_command(relay_test_command, "relay-test")
 
 
 if __name__ == "__main__":

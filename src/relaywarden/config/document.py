@@ -92,7 +92,7 @@ def _toml(value) -> str:
 
 def render_markdown() -> str:
     """docs/configuration.md: every table and key with its meaning and default, from the schema."""
-    from .schema import AccessList, Delivery, Dns, Domain, Limits, Listener, Mailbox, Route, Server
+    from .schema import AccessList, Delivery, Dns, Doctor, Domain, Limits, Listener, Mailbox, Route, Server
 
     out = ["# Configuration reference", "",
            "Generated from `src/relaywarden/config/schema.py` by "
@@ -101,7 +101,7 @@ def render_markdown() -> str:
            "error names the file, line, key and fix.", ""]
     tables = [("[server]", Server), ("[[listener]]", Listener), ("[listener.relay] and [listener.connections]", AccessList),
               ("[listener.limits]", Limits), ("[[domain]]", Domain), ("[[mailbox]]", Mailbox),
-              ("[[route]]", Route), ("[dns]", Dns), ("[delivery]", Delivery)]
+              ("[[route]]", Route), ("[dns]", Dns), ("[delivery]", Delivery), ("[doctor]", Doctor)]
     for header, model in tables:
         out += [f"## `{header}`", "", (model.__doc__ or "").strip(), "", "| key | default | meaning |", "|---|---|---|"]
         for key, field in model.model_fields.items():

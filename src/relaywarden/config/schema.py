@@ -336,6 +336,27 @@ class Delivery(_Model):
     mailbox_root: str | None = Field(None, description="Directory of the local Maildirs; unset: DATA_DIR/mail.")
 
 
+class Doctor(_Model):
+    """What `relaywarden doctor` checks against: block lists and the thresholds of its account and
+    queue checks (KB 895853: open relay, compromised accounts, spam in the queue, block lists)."""
+
+    dnsbl_zones: list[str] = Field(
+        default_factory=lambda: ["zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral.org", "psbl.surriel.com"],
+        description="DNS block lists the public addresses are looked up in (IPv4 and IPv6).")
+    window_hours: float = Field(24.0, gt=0, description="The recent period the account and queue checks look at, in hours.")
+    baseline_days: float = Field(14.0, gt=0, description="The history an account's recent sending is compared with, in days.")
+    burst_factor: float = Field(10.0, gt=1, description="An account sending more than this many times its own baseline (recipients, external domains, client addresses) is flagged.")
+    min_recipients: int = Field(200, ge=1, description="Recent recipients below which an account is never flagged as a burst (small senders vary a lot).")
+    failed_logins: int = Field(20, ge=1, description="Failed logins before a success that make the success suspect (password guessing).")
+    queue_recipients_per_message: int = Field(50, ge=1, description="A queued message with more recipients than this looks like spam.")
+    queue_share: float = Field(0.5, gt=0, le=1, description="One client address or user owning more than this share of the queue is flagged.")
+
+    @field_validator("dnsbl_zones")
+    @classmethod
+    def _check_zones(cls, v: list[str]) -> list[str]:
+        return [normalise_domain(z) for z in v]
+
+
 class Server(_Model):
     """Server-wide settings."""
 
@@ -356,6 +377,7 @@ class Config(_Model):
     route: list[Route] = Field(default_factory=list, description="Routes ([[route]] tables).")
     dns: Dns = Field(default_factory=Dns)
     delivery: Delivery = Field(default_factory=Delivery)
+    doctor: Doctor = Field(default_factory=Doctor)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
