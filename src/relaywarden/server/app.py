@@ -23,6 +23,7 @@ from pathlib import Path
 from ..config.loader import LoadedConfig
 from ..config.schema import Listener, TlsMode
 from ..directory import Directory
+from ..dns import make_resolver
 from ..events import EventId, EventLog
 from ..policy.audit import check_startable
 from ..protocol.server import ServerOptions
@@ -49,6 +50,7 @@ class ListenerRuntime:
         self.per_client: dict[str, int] = {}
         self.aio_server: asyncio.base_events.Server | None = None
         self._proxies = [ipaddress.ip_network(n) for n in config.proxy_from]
+        self.needs_rdns = bool(config.relay.domains() or config.connections.domains())
         self._options = {
             tls: ServerOptions(
                 hostname=server.hostname,
@@ -102,6 +104,7 @@ class Server:
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self.runner = None          # the delivery QueueRunner, when delivery is enabled
+        self.resolver = make_resolver(self.config.dns)
 
     # --- events --------------------------------------------------------------------------------
 
@@ -177,10 +180,9 @@ class Server:
         self._tasks.append(asyncio.ensure_future(self._housekeeping()))
         if self.config.delivery.enabled:
             from ..delivery.runner import QueueRunner
-            from ..dns import make_resolver
 
             self.runner = QueueRunner(loaded=self.loaded, queue=self.queue, directory=lambda: self.directory,
-                                      emit=self.emit, resolver=make_resolver(self.config.dns),
+                                      emit=self.emit, resolver=self.resolver,
                                       data_dir=self.data_dir, hostname=self.hostname)
             self.runner.start()
 

@@ -19,6 +19,7 @@ from ..events import EventId, session_summary_text
 from ..policy.relay import SessionFacts, decide_connection, decide_mail, decide_recipient
 from ..protocol import server as core
 from ..protocol.proxy import MAX_HEADER_BYTES, ProxyError, parse_proxy_header
+from ..dns import confirmed_name
 from ..queue.model import QueueError, QueueFull
 from ..users import verify_password
 from . import receive
@@ -54,6 +55,7 @@ class SmtpSession(asyncio.Protocol):
         self.refused = 0
         self.last_refusal: str | None = None
         self._proxy_buf: bytearray | None = None
+        self._early: bytearray | None = None      # input that arrived before the greeting
         # Decrypted bytes that arrive after the handshake but before _starttls() resumes
         # (a fast client's first command can come with its Finished message): kept, not lost.
         self._tls_early: bytearray | None = None
@@ -89,6 +91,29 @@ class SmtpSession(asyncio.Protocol):
             return
         rt.per_client[self.client[0]] = rt.per_client.get(self.client[0], 0) + 1
         self._counted = True
+        if rt.needs_rdns:
+            # a relay or connection list names domains: learn the client's forward-confirmed
+            # reverse DNS name before anything is decided (input before the greeting waits)
+            self._early = bytearray()
+            asyncio.ensure_future(self._lookup_then_greet())
+            return
+        self._greet()
+
+    async def _lookup_then_greet(self) -> None:
+        try:
+            self.rdns = await asyncio.wait_for(confirmed_name(self.server.resolver, self.client[0]),
+                                               self.server.config.dns.timeout * 2)
+        except (asyncio.TimeoutError, OSError):
+            self.rdns = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        early, self._early = self._early, None
+        self._greet()
+        if early and self.core is not None and not self.core.closed:
+            self.core.receive(bytes(early))
+            self._pump()
+
+    def _greet(self) -> None:
         refusal = decide_connection(self.server.loaded, self.facts())
         if refusal is not None:
             self.server.emit(refusal.event, self, text=refusal.admin_text, decision=refusal.id)
