@@ -93,6 +93,7 @@ class EventId(IntEnum):
     # 3000-3099 queue
     MESSAGE_QUEUED = 3001
     QUEUE_ERROR = 3002
+    QUEUE_CHANGED = 3003
     # 4000-4099 NDRs
     NDR_GENERATED = 4001
     # 7000-7099 delivery
@@ -373,6 +374,15 @@ _DEFINITIONS: tuple[EventDef, ...] = (
         "usually a full disk or wrong permissions on the queue directory. Free disk space or "
         "correct the permissions; senders retry temporary errors by themselves.",
         ("operation", "path", "error"),
+    ),
+    EventDef(
+        EventId.QUEUE_CHANGED, _W, "Queue changed by an operator",
+        "An administrator held, released, retried or deleted queued messages with relaywarden "
+        "queue. The record says who, which operation, how many messages and how they were "
+        "chosen (filters or ids), so that a deleted flood or a released hold can be traced "
+        "later. No action is needed; if nobody meant to do this, check who has access to the "
+        "data directory.",
+        ("operation", "operator", "changed", "selected", "ids", "filters"),
     ),
     EventDef(
         EventId.NDR_GENERATED, _W, "NDR generated",

@@ -308,3 +308,17 @@ def test_cli_bounce_logs_4001_and_queues_the_ndr(data_dir, tmp_path):
 def test_cli_without_a_queue_says_where_it_looked(tmp_path):
     r = CliRunner().invoke(main, ["queue", "list", "--data-dir", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "no queue at" in r.output
+
+
+def test_operator_changes_are_logged_as_queue_changed_events(tmp_path):
+    with SqliteQueue(tmp_path / "queue.sqlite") as q:
+        ids = [q.submit(msg(sender=f"s{i}@example.org")).result() for i in range(3)]
+    runner = CliRunner()
+    r = runner.invoke(main, ["queue", "hold", "--sender", "s1@example.org", "--yes", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["queue", "delete", ids[2], "--yes", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    events = [e for e in read_events(tmp_path / "log") if e["name"] == "QUEUE_CHANGED"]
+    assert [(e["fields"]["operation"], e["fields"]["changed"]) for e in events] == [("hold", 1), ("delete", 1)]
+    assert events[0]["fields"]["ids"] == [ids[1]] and "sender" in events[0]["fields"]["filters"]
+    assert events[0]["severity"] == "warning"

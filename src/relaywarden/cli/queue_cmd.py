@@ -251,12 +251,31 @@ def _bulk_command(name: str, help_text: str, *, with_config: bool = False) -> cl
             if len(selected) > CONFIRM_OVER and not yes:
                 click.confirm(f"{name} {len(selected)} messages?", abort=True, err=True)
             result = _run(ops, name, selected, data_dir, config_path)
+        if name != "bounce" and result.changed:
+            _log_change(data_dir, name, result, ids, options)
         _report(result, as_json)
 
     command.__doc__ = help_text
     if with_config:
         command = config_option(command)
     return click.command(name, help=help_text)(command)
+
+
+def _log_change(data_dir: Path, name: str, result: BulkResult, ids: tuple[str, ...], options: dict) -> None:
+    """One QUEUE_CHANGED event per operator command: what was done, to how many, chosen how."""
+    import getpass
+    import os
+
+    from ..events import EventId
+
+    criteria = {k: v for k, v in options.items() if v not in (None, (), False, "")}
+    who = os.environ.get("SUDO_USER") or getpass.getuser()
+    with EventLog(data_dir / "log") as log:
+        log.emit(EventId.QUEUE_CHANGED, text=(
+            f"queue {name} by {who}: {result.changed} of {result.selected} selected messages"
+            + (f" (filters: {', '.join(f'{k}={v}' for k, v in criteria.items())})" if criteria else "")),
+            operation=name, operator=who, changed=result.changed, selected=result.selected,
+            ids=list(result.ids)[:1000], filters={k: str(v) for k, v in criteria.items()}, named_ids=list(ids)[:100])
 
 
 def _run(ops: QueueOps, name: str, selected: list[str], data_dir: Path,

@@ -146,6 +146,13 @@ MAILBOX_DISABLED = Cause(
     "Contact the recipient by other means; their mail administrator must re-enable the "
     "mailbox.",
 )
+RETURNED_BY_ADMIN = Cause(
+    "returned-by-admin", "Returned by the mail administrator",
+    "The mail administrator of our server returned this message without delivering it (for "
+    "example while cleaning up the queue after a flood); no receiving server was involved.",
+    "If the message was legitimate, send it again; if you did not send it, your account or "
+    "device may be sending mail without you: change its password and tell the administrator.",
+)
 MAILBOX_FULL = Cause(
     "mailbox-full", "Recipient's mailbox is full",
     "The recipient's mailbox is over its storage quota and cannot take more messages.",
@@ -373,6 +380,9 @@ _5XX = _set("5xx")
 _NONE = _set("none")
 
 RULES: tuple[Rule, ...] = (
+    # The operator's `relaywarden queue bounce` (queue/ops.py: admin_bounce_result).
+    Rule(RETURNED_BY_ADMIN, commands=_set("LOCAL"), pattern=_re(
+        r"returned to the sender by the mail administrator", '"returned to the sender by the mail administrator"')),
     # Our own and remote conditions identified by their enhanced code.
     Rule(NULL_MX, enhanced=_set("x.1.10")),
     Rule(NULL_MX, codes=_NONE | _5XX, pattern=_NULL_MX),
