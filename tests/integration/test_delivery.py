@@ -319,3 +319,43 @@ def test_connection_dropped_mid_data_is_retried(world):
     submit(srv, ["bob@dest.test"])
     assert wait(lambda: len([e for e in srv.events() if e["name"] == "DEFERRED"]) >= 1)
     assert queue_count(srv) == 1
+
+
+def _send_with_notify(srv, to: str, notify: str) -> None:
+    with smtplib.SMTP("127.0.0.1", srv.ports["submission"], timeout=10) as s:
+        s.login("alice@example.test", "pw")
+        s.sendmail("alice@example.test", [to], "Subject: dsn\r\n\r\nx\r\n", rcpt_options=[f"NOTIFY={notify}"])
+
+
+def test_notify_success_to_a_next_hop_without_dsn_gives_a_relayed_report(world):
+    srv, peer = world("-N")                    # smtp-sink without the DSN extension
+    _send_with_notify(srv, "bob@dest.test", "SUCCESS,FAILURE")
+    peer.wait_for(1)
+    [report] = wait(lambda: maildir_messages(srv))
+    text = report.as_string()
+    assert "Action: relayed" in text and "Status: 2.0.0" in text
+    assert report["Subject"] == "Mail Relayed (no further delivery reports)"
+
+
+def test_notify_success_to_a_next_hop_with_dsn_is_passed_on_not_answered(world):
+    srv, peer = world()                        # smtp-sink offers DSN: it gets NOTIFY and reports itself
+    _send_with_notify(srv, "bob@dest.test", "SUCCESS")
+    [msg] = peer.wait_for(1)
+    wait(lambda: queue_count(srv) == 0)
+    time.sleep(1.0)
+    assert maildir_messages(srv) == []
+
+
+def test_notify_success_for_local_delivery_gives_a_delivered_report(world):
+    srv, _ = world()
+    _send_with_notify(srv, "al@example.test", "SUCCESS")
+    msgs = wait(lambda: [m for m in maildir_messages(srv) if m["Subject"] == "Successful Mail Delivery Report"])
+    assert "Action: delivered" in msgs[0].as_string()
+
+
+def test_notify_never_suppresses_the_ndr(world):
+    srv, _ = world("-f", "RCPT")
+    _send_with_notify(srv, "bob@dest.test", "NEVER")
+    wait(lambda: queue_count(srv) == 0)
+    time.sleep(1.0)
+    assert maildir_messages(srv) == []

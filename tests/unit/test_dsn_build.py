@@ -529,3 +529,32 @@ def test_docs_list_every_cause_with_its_sentence_and_fix() -> None:
     assert re.search(r"Content-Type: multipart/report; report-type=\"?delivery-status", docs)
     # The cause section is generated: regenerate with `python -m relaywarden.dsn.causes`.
     assert causes_markdown() in DOCS.read_text(encoding="utf-8")
+
+
+def _success(action: str, notify: tuple[str, ...], **message_changes: object) -> bytes | None:
+    ok = rcpt(res=result(250, "2.0.0", "Ok: queued as 123", command="END-OF-DATA"), state="delivered", notify=notify)
+    return build_ndr(reporting_mta="relay.example.com", message=queued((ok,), **message_changes), original=ORIGINAL,
+                     failed=[], action=action, arrival=ARRIVAL, now=NOW,  # type: ignore[arg-type]
+                     postmaster="postmaster@example.com", succeeded=[ok])
+
+
+@pytest.mark.parametrize("action, subject", [("delivered", "Successful Mail Delivery Report"),
+                                             ("relayed", "Mail Relayed (no further delivery reports)")])
+def test_success_reports_only_when_asked_and_only_with_headers(action, subject) -> None:
+    assert _success(action, ()) is None                       # no NOTIFY: no success report
+    assert _success(action, ("FAILURE",)) is None
+    raw = _success(action, ("SUCCESS",), dsn_ret="FULL")      # RET=FULL applies to failures only
+    assert raw is not None
+    msg, human, status, original = parts(raw)
+    assert msg["Subject"] == subject
+    block = status_blocks(status)[1]
+    assert block["Action"] == action and block["Status"] == "2.0.0"
+    assert original.get_content_type() == "text/rfc822-headers"
+    assert "do not have permission" not in human.get_content()
+    assert not scan_message(email.message_from_bytes(raw))    # a bounce parser sees no failure
+
+
+def test_success_report_never_mixes_failures() -> None:
+    with pytest.raises(ValueError):
+        build_ndr(reporting_mta="r", message=queued(()), original=ORIGINAL, failed=[rcpt()], action="delivered",
+                  arrival=ARRIVAL, now=NOW, postmaster="p@r", succeeded=[rcpt(state="delivered")])

@@ -204,9 +204,17 @@ class QueueRunner:
         async with self._total, self._dest_semaphore(group.key):
             if group.kind == "local":
                 results = [await self._deliver_local(message, data, r) for r in group.recipients]
+                success_action = "delivered"
             else:
-                results = await self._deliver_remote(message, data, group)
+                results, dsn_offered = await self._deliver_remote(message, data, group)
+                # a next hop that offers DSN got NOTIFY passed on and reports for itself
+                success_action = None if dsn_offered else "relayed"
         await self._record(message, list(zip(group.recipients, results)))
+        if success_action is not None:
+            wanted = [replace(r, last_result=res, state="delivered") for r, res in zip(group.recipients, results)
+                      if res.delivered and "SUCCESS" in (n.upper() for n in r.notify)]
+            if wanted:
+                await self._send_notice(message, data, [], [], success_action, time.time(), succeeded=wanted)
 
     async def _deliver_local(self, message: QueuedMessage, data: bytes, r: QueuedRecipient) -> DeliveryResult:
         entry = self.directory().find(r.route or r.address) or self.directory().find(r.address)
@@ -221,7 +229,8 @@ class QueueRunner:
                                   f"{exc.reply.text}: {exc.detail}", "LOCAL", exc.permanent)
         return DeliveryResult(250, "2.0.0", self.hostname, None, f"delivered to maildir of {entry.address}", "LOCAL", False)
 
-    async def _deliver_remote(self, message: QueuedMessage, data: bytes, group: _Group) -> list[DeliveryResult]:
+    async def _deliver_remote(self, message: QueuedMessage, data: bytes, group: _Group) -> tuple[list[DeliveryResult], bool]:
+        """One result per recipient, and whether the host that took the transaction offered DSN."""
         choice = group.route
         assert choice is not None
         try:
@@ -229,7 +238,7 @@ class QueueRunner:
         except NextHopError as exc:
             result = DeliveryResult(exc.reply.code, exc.reply.enhanced, None, None,
                                     f"{exc.reply.text} ({exc.detail})", "DNS", exc.permanent)
-            return [result] * len(group.recipients)
+            return [result] * len(group.recipients), False
         password = self._password(choice)
         rcpts = [OutRcpt(r.address, r.notify, r.orcpt) for r in group.recipients]
         last: list[DeliveryResult] | None = None
@@ -244,11 +253,11 @@ class QueueRunner:
                     smtputf8=message.smtputf8, timeouts=self.timeouts, connect_address=address)
                 last = list(attempt.results)
                 if not attempt.try_next_host:
-                    return last
+                    return last, attempt.dsn_offered
         if last is None:
             reply = status.Reply(451, "4.4.4", f"no next hop with an address for {group.domain}")
             last = [DeliveryResult(reply.code, reply.enhanced, None, None, reply.text, "CONNECT", False)] * len(group.recipients)
-        return last
+        return last, False
 
     def _password(self, choice: RouteChoice) -> str | None:
         if not choice.password_file:
@@ -327,10 +336,11 @@ class QueueRunner:
                 await self._send_notice(message, data, [], delayed, "delayed", now)
                 await asyncio.wrap_future(self.queue.mark_delay_warned(queue_id, [r.id for r in delayed]))
 
-    async def _send_notice(self, message: QueuedMessage, data: bytes, failed, delayed, action: str, now: float) -> None:
+    async def _send_notice(self, message: QueuedMessage, data: bytes, failed, delayed, action: str, now: float,
+                           *, succeeded=()) -> None:
         notice = build_notice(loaded=self.loaded, directory=self.directory(), hostname=self.hostname,
                               message=message, original=data, failed=failed, delayed=delayed,
-                              action=action, now=now,
+                              action=action, now=now, succeeded=succeeded,
                               will_retry_until=message.received_at + self.cfg.max_lifetime if action == "delayed" else None)
         if notice is None:
             return

@@ -42,7 +42,8 @@ __all__ = [
     "wants_notice",
 ]
 
-Action = Literal["failed", "delayed"]
+Action = Literal["failed", "delayed", "delivered", "relayed"]
+SUCCESS_ACTIONS = ("delivered", "relayed")
 
 # RFC 3461 4.1: without NOTIFY the MTA may send FAILURE or FAILURE,DELAY notices. We send both,
 # like Postfix and Exchange: a sender whose mail is stuck for hours should hear about it.
@@ -51,8 +52,10 @@ DEFAULT_NOTIFY: tuple[str, ...] = ("FAILURE", "DELAY")
 SUBJECTS = {
     "failed": "Undelivered Mail Returned to Sender",
     "delayed": "Delayed Mail (still being retried)",
+    "delivered": "Successful Mail Delivery Report",
+    "relayed": "Mail Relayed (no further delivery reports)",
 }
-_NOTIFY_FOR = {"failed": "FAILURE", "delayed": "DELAY"}
+_NOTIFY_FOR = {"failed": "FAILURE", "delayed": "DELAY", "delivered": "SUCCESS", "relayed": "SUCCESS"}
 _WRAP = 72
 _FOLD = 76
 
@@ -81,6 +84,9 @@ def cause_for(recipient: QueuedRecipient, action: Action = "failed") -> Cause:
 
 def _status(recipient: QueuedRecipient, action: Action) -> str:
     result = recipient.last_result
+    if action in SUCCESS_ACTIONS:
+        enhanced = result.enhanced_code if result is not None else None
+        return enhanced if enhanced and enhanced.startswith("2.") else "2.0.0"
     if result is None:
         return "5.0.0" if action == "failed" else "4.0.0"
     return status_for(
@@ -265,6 +271,8 @@ def _para(text: str, indent: str = "") -> list[str]:
 
 
 def _recipient_text(recipient: QueuedRecipient, action: Action) -> list[str]:
+    if action in SUCCESS_ACTIONS:
+        return _success_text(recipient, action)
     cause = cause_for(recipient, action)
     result = recipient.last_result
     verb = "Failed" if action == "failed" else "Delayed"
@@ -278,6 +286,21 @@ def _recipient_text(recipient: QueuedRecipient, action: Action) -> list[str]:
         lines.extend(_reply_lines(result, cause))
     lines.extend(_para("What happened: " + cause.sentence, "    "))
     lines.extend(_para("What to do: " + cause.fix, "    "))
+    return lines
+
+
+def _success_text(recipient: QueuedRecipient, action: Action) -> list[str]:
+    result = recipient.last_result
+    lines = [f"<{recipient.address}>"]
+    if action == "delivered":
+        lines.append("    Delivered" + (" to the recipient's mailbox." if result and result.command == "LOCAL" else "."))
+    else:
+        lines += _para("Relayed: handed to the next mail server, which does not send delivery "
+                       "reports; there will be no further report for this recipient.", "    ")
+    if result is not None and result.remote_host and result.command != "LOCAL":
+        where = f"{result.remote_host} [{result.remote_address}]" if result.remote_address else result.remote_host
+        lines.append(f"    Remote host {where} said:")
+        lines += _para(" ".join(str(x) for x in (result.reply_code, result.enhanced_code, result.remote_text) if x), "        ")
     return lines
 
 
@@ -315,7 +338,11 @@ def _human_text(
 ) -> str:
     failed = [r for r, a in reports if a == "failed"]
     delayed = [r for r, a in reports if a == "delayed"]
+    succeeded = [r for r, a in reports if a in SUCCESS_ACTIONS]
     lines = [f"This is the mail delivery system at {reporting_mta}.", ""]
+    if succeeded:
+        lines += _para(f"Your message was {'delivered' if action == 'delivered' else 'relayed'} to "
+                       f"{_count(succeeded)}, as you asked to be told (NOTIFY=SUCCESS).")
     if action == "failed":
         lines += _para(
             f"Your message could not be delivered to {_count(failed)}. It will not be "
@@ -345,7 +372,7 @@ def _human_text(
     lines.append("")
     lines += _para(
         "The machine-readable report (RFC 3464) and the original message "
-        f"{'follow' if message.dsn_ret == 'FULL' else 'headers follow'}. For help, write to "
+        f"{'follow' if message.dsn_ret == 'FULL' and action not in SUCCESS_ACTIONS else 'headers follow'}. For help, write to "
         f"<{postmaster}> and include this report."
     )
     return "\r\n".join(lines) + "\r\n"
@@ -360,9 +387,12 @@ def _count(recipients: Sequence[QueuedRecipient]) -> str:
 # --- the whole report ---------------------------------------------------------------------------
 
 def _select(
-    failed: Iterable[QueuedRecipient], delayed: Iterable[QueuedRecipient], action: Action
+    failed: Iterable[QueuedRecipient], delayed: Iterable[QueuedRecipient], action: Action,
+    succeeded: Iterable[QueuedRecipient] = (),
 ) -> list[tuple[QueuedRecipient, Action]]:
     chosen: list[tuple[QueuedRecipient, Action]] = []
+    if action in SUCCESS_ACTIONS:
+        return [(r, action) for r in succeeded if wants_notice(r, action)]
     if action == "failed":
         chosen += [(r, "failed") for r in failed if wants_notice(r, "failed")]
         if not chosen:
@@ -388,6 +418,7 @@ def build_ndr(
     now: float,
     postmaster: str,
     will_retry_until: float | None = None,
+    succeeded: Sequence[QueuedRecipient] = (),
 ) -> bytes | None:
     """The complete NDR (CRLF line ends) for ``message``, or None when none is due.
 
@@ -396,14 +427,19 @@ def build_ndr(
     the ``delayed`` recipients (``failed`` must be empty), with ``Will-Retry-Until`` when
     ``will_retry_until`` is given. None when the sender is the null sender ``<>`` or when no
     recipient of the main kind asked for this notice (NOTIFY; absent NOTIFY = FAILURE,DELAY).
+    ``action="delivered"`` / ``"relayed"``: a success report (NOTIFY=SUCCESS) for the
+    ``succeeded`` recipients, delivered here or relayed to a next hop that does not offer DSN
+    (RFC 3461 4.1); such a report returns only the headers, whatever RET says (RFC 3461 4.3).
     """
     if action not in SUBJECTS:
-        raise ValueError(f"action must be 'failed' or 'delayed', not {action!r}")
+        raise ValueError(f"action must be one of {sorted(SUBJECTS)}, not {action!r}")
     if action == "delayed" and failed:
         raise ValueError("a delay warning reports no failed recipients; use action='failed'")
+    if action in SUCCESS_ACTIONS and (failed or delayed):
+        raise ValueError("a success report names only succeeded recipients")
     if not message.sender.strip("<> "):
         return None  # never an NDR to the null sender (RFC 5321 4.5.5, RFC 3464 2)
-    reports = _select(failed, delayed, action)
+    reports = _select(failed, delayed, action, succeeded)
     if not reports:
         return None
     utf8 = _needs_utf8(message, reports)
@@ -435,7 +471,8 @@ def build_ndr(
         will_retry_until=will_retry_until, ascii_only=not utf8,
     )
     machine = _machine_part(fields, utf8)
-    report.set_payload([human, machine, _original_part(message, original, message.dsn_ret == "FULL")])
+    ret_full = message.dsn_ret == "FULL" and action not in SUCCESS_ACTIONS
+    report.set_payload([human, machine, _original_part(message, original, ret_full)])
     return _flatten(report, pol)
 
 

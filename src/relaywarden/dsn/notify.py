@@ -41,12 +41,14 @@ def build_notice(*, loaded: LoadedConfig, directory: Directory, hostname: str,
                  message: QueuedMessage, original: bytes,
                  failed: Sequence[QueuedRecipient], delayed: Sequence[QueuedRecipient] = (),
                  action: Action = "failed", now: float,
-                 will_retry_until: float | None = None) -> Notice | None:
+                 will_retry_until: float | None = None,
+                 succeeded: Sequence[QueuedRecipient] = ()) -> Notice | None:
     """The notice for ``message`` as a message to queue, or None when none is due (null
     sender, or no reported recipient asked for this kind of notice)."""
     data = build_ndr(reporting_mta=hostname, message=message, original=original, failed=failed,
                      delayed=delayed, action=action, arrival=message.received_at, now=now,
-                     postmaster=f"postmaster@{hostname}", will_retry_until=will_retry_until)
+                     postmaster=f"postmaster@{hostname}", will_retry_until=will_retry_until,
+                     succeeded=succeeded)
     if data is None:
         return None
     to = message.sender
@@ -60,12 +62,12 @@ def build_notice(*, loaded: LoadedConfig, directory: Directory, hostname: str,
         client_address="127.0.0.1", client_port=0, helo=hostname, auth_user=None, tls=None,
         body_type="8BITMIME", smtputf8=message.smtputf8, dsn_ret=None, dsn_envid=None,
         session_id=f"ndr-{message.id}")
-    return Notice(queued, message.id, to, action, tuple(failed or delayed))
+    return Notice(queued, message.id, to, action, tuple(failed or delayed or succeeded))
 
 
 def log_notice(emit: Emit, notice: Notice, notice_id: str) -> None:
     """One NDR_GENERATED event per reported recipient, naming the queued notice."""
-    what = "NDR" if notice.action == "failed" else "delay notice"
+    what = {"failed": "NDR", "delayed": "delay notice"}.get(notice.action, "success report")
     for r in notice.reported:
         res = r.last_result
         cause = cause_for(r, notice.action)
