@@ -37,9 +37,10 @@ def parse_target(target: str) -> tuple[str, int]:
 @click.option("--local-address", default=None, help="An address of that domain (default postmaster@DOMAIN).")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds per reply.")
 @click.option("--no-starttls", is_flag=True, help="Do not use STARTTLS even when offered.")
+@click.option("--implicit-tls", is_flag=True, help="Speak TLS from the first byte (a port 465 listener).")
 @click.option("--json", "as_json", is_flag=True, help="Print each attempt as JSON.")
 def relay_test_command(target: str, local_domain: str, local_address: str | None, timeout: float,
-                       no_starttls: bool, as_json: bool) -> None:
+                       no_starttls: bool, implicit_tls: bool, as_json: bool) -> None:
     """Try some 50 unauthenticated relay tricks against TARGET (never sends DATA)."""
     try:
         host, port = parse_target(target)
@@ -54,7 +55,8 @@ def relay_test_command(target: str, local_domain: str, local_address: str | None
         except OSError as exc:
             raise click.ClickException(f"cannot resolve {host}: {exc}") from None
     results = asyncio.run(run_battery(server_ip, port, local_domain=local_domain, local_address=local_address,
-                                      server_ip=server_ip, timeout=timeout, starttls=not no_starttls))
+                                      server_ip=server_ip, timeout=timeout, starttls=not no_starttls,
+                                      implicit_tls=implicit_tls))
     open_ = [r for r in results if r.outcome == ACCEPTED]
     other = [r for r in results if r.outcome not in (ACCEPTED, REFUSED)]
     code = 2 if open_ else 1 if other else 0
