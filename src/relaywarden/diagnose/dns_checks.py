@@ -123,22 +123,24 @@ async def mx_report(ctx: Context, domain: str) -> MxReport:
     return report
 
 
-def _mx_record_fix(ctx: Context, domain: str) -> str:
-    """The DNS records that would send the Internet's mail for ``domain`` to a listener taking it."""
+def _mx_record_fix(ctx: Context, domain: str, report: MxReport | None = None) -> str:
+    """The DNS records that would send the Internet's mail for ``domain`` to a listener taking it:
+    the listener the MX already reaches, else the first that takes the domain anonymously."""
     host, _ = helo_name(ctx)
-    targets = [(listener.name, address) for listener in ctx.config.listener
-               if _takes_anonymous(listener, domain) for address in listener.public_addresses]
-    if not targets:
+    candidates = [listener for listener in ctx.config.listener
+                  if _takes_anonymous(listener, domain) and listener.public_addresses]
+    if not candidates:
         return (f"no listener takes {domain} from anonymous clients at a public address: set "
                 f"public_addresses on the listener the Internet reaches and make it take "
                 f"{domain} (anonymous = true, accept_domains unset or listing {domain})")
+    reached = {name for _, _, name in report.served} if report else set()
+    target = next((l for l in candidates if l.name in reached), candidates[0])
     records = [f"{domain}. IN MX 10 {host}."]
-    for _, address in targets:
+    for address in target.public_addresses:
         kind = "A" if ipaddress.ip_address(address).version == 4 else "AAAA"
         records.append(f"{host}. IN {kind} {address}")
-    names = ", ".join(sorted({name for name, _ in targets}))
-    return (f"publish in the zone of {domain}: {'; '.join(records)} (the public address of "
-            f"listener {names}), and remove the MX records that point elsewhere")
+    return (f"publish in the zone of {domain}: {'; '.join(records)} (the public addresses of "
+            f"listener {target.name}), and remove the MX records that point elsewhere")
 
 
 def _wrong_listener_findings(ctx: Context, domain: Domain, report: MxReport) -> list[Finding]:
@@ -154,7 +156,7 @@ def _wrong_listener_findings(ctx: Context, domain: Domain, report: MxReport) -> 
         change = ("set anonymous = true" if key == "anonymous"
                   else f'add "{domain.name}" to accept_domains')
         fix = (f"either point the MX of {domain.name} at a listener that takes it "
-               f"({_mx_record_fix(ctx, domain.name)}), or, if listener {listener.name} is the one "
+               f"({_mx_record_fix(ctx, domain.name, report)}), or, if listener {listener.name} is the one "
                f"the Internet should deliver to, {change} on it ({where})")
         findings.append(Finding("dns.mx.wrong-listener", Level.FAIL,
                                 f"the MX of {domain.name} reaches listener {listener.name}, which "
@@ -171,14 +173,14 @@ def _domain_findings(ctx: Context, domain: Domain, report: MxReport) -> list[Fin
     if report.foreign and not report.served and not report.refused:
         findings.append(Finding("dns.mx.elsewhere", Level.FAIL,
                                 f"the MX of {domain.name} points at no listener of this server",
-                                SCENARIO[3], evidence, _mx_record_fix(ctx, domain.name), where))
+                                SCENARIO[3], evidence, _mx_record_fix(ctx, domain.name, report), where))
     elif report.foreign:
         hosts = sorted({f"{hop.host} ({address})" for hop, address in report.foreign})
         findings.append(Finding("dns.mx.partly-elsewhere", Level.WARN,
                                 f"some MX addresses of {domain.name} are not this server: part of "
                                 f"its mail goes to another server", SCENARIO[3], evidence,
                                 f"if {', '.join(hosts)} is not a backup MX you run on purpose, "
-                                f"{_mx_record_fix(ctx, domain.name)}; if it is this server behind "
+                                f"{_mx_record_fix(ctx, domain.name, report)}; if it is this server behind "
                                 "another address, add that address to public_addresses of the "
                                 "listener it reaches", where))
     if report.implicit:
