@@ -194,10 +194,13 @@ def test_dnsbl_listed_addresses_fail_with_meaning_reason_and_delisting(tmp_path,
     assert v6["evidence"][0].startswith("5.2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2"
                                         ".dnsbl.test -> 127.0.0.2")
 
-    refused = _by_check(report, "dnsbl.refused")
-    assert {f["level"] for f in refused} == {"warn"} and len(refused) == 2
-    assert "public or open resolver" in refused[0]["evidence"][0]
-    assert "nameservers" in refused[0]["fix"]
+    [refused] = _by_check(report, "dnsbl.refused")     # one finding per zone, not a listing
+    assert refused["level"] == "warn"
+    assert refused["title"].startswith("refusing.test refused to answer for 192.0.2.25, 2001:db8::25")
+    assert "127.255.255.254: query refused: the query came through a public or open resolver" \
+        in refused["evidence"][0]
+    assert f"set [dns] nameservers ({report['config']}:{_line_of(config, 'nameservers')}; now 127.0.0.1)" \
+        in refused["fix"]
     assert [f["title"] for f in _by_check(report, "dnsbl.clean")] == [
         "2001:db8::25 is not listed in zen.spamhaus.org"]
 
@@ -309,6 +312,7 @@ def test_mx_pointing_elsewhere_or_at_refusing_listeners_fails(tmp_path, nsd_port
     [mixed] = _by_check(report, "dns.mx.partly-elsewhere")
     assert mixed["level"] == "warn" and "mixed.mail.test" in mixed["title"]
     assert "other.mail.test (203.0.113.9)" in mixed["fix"]
+    assert "remove the MX records that point elsewhere" in mixed["fix"]
 
     [tosub] = _by_check(report, "dns.mx.wrong-listener")
     assert "tosub.mail.test" in tosub["title"] and "listener submission" in tosub["title"]
@@ -325,6 +329,9 @@ def test_mx_pointing_elsewhere_or_at_refusing_listeners_fails(tmp_path, nsd_port
     [absent] = _by_check(report, "dns.mx.missing")
     assert absent["level"] == "fail" and "absent.mail.test" in absent["title"]
     assert "NXDOMAIN" in " ".join(absent["evidence"])
+    assert absent["fix"] == ("publish in the zone of absent.mail.test: absent.mail.test. IN MX 10 "
+                             "mx.mail.test.; mx.mail.test. IN A 192.0.2.25; mx.mail.test. IN AAAA "
+                             "2001:db8::25 (the public addresses of listener mx)")
 
 
 def test_mx_at_listener_without_the_domain_in_accept_domains(tmp_path, nsd_port):
@@ -357,7 +364,8 @@ def test_reverse_dns_missing_unconfirmed_and_other_name(tmp_path, nsd_port):
     ok, liar, other, missing = report["findings"]
     assert "PTR of 192.0.2.26: liar.mail.test" in liar["evidence"]
     assert "liar.mail.test -> 203.0.113.9" in liar["evidence"]
-    assert "26.2.0.192.in-addr.arpa. IN PTR liar.mail.test." in liar["fix"]
+    assert "26.2.0.192.in-addr.arpa. IN PTR mx.mail.test. and publish mx.mail.test. IN A 192.0.2.26" \
+        in liar["fix"]
 
     hostname_line = _line_of(config, "hostname")
     assert other["title"] == "the reverse DNS name of 192.0.2.27 (smtp.mail.test) is not the EHLO name mx.mail.test"
@@ -376,3 +384,22 @@ def test_dns_checks_skip_without_public_addresses(tmp_path, nsd_port):
     assert code == 0
     assert [(f["check"], f["level"]) for f in report["findings"]] == [("dns.mx", "skip"), ("dns.rdns", "skip")]
     assert all("public_addresses" in f["fix"] for f in report["findings"])
+
+
+# --- names and return codes (no DNS) ----------------------------------------------------------
+
+def test_query_names_and_return_code_meanings():
+    from relaywarden.diagnose.dnsbl import code_meaning, query_name, removal_page
+
+    assert query_name("192.0.2.25", "zen.spamhaus.org") == "25.2.0.192.zen.spamhaus.org"
+    assert query_name("2001:db8::1", "bl.test") == "1." + "0." * 23 + "8.b.d.0.1.0.0.2.bl.test"
+    assert code_meaning("zen.spamhaus.org", "127.0.0.3").startswith("SBL CSS")
+    assert code_meaning("zen.spamhaus.org", "127.0.0.9").startswith("DROP")
+    assert code_meaning("pbl.spamhaus.org", "127.0.0.11").startswith("PBL (Policy Block List), listed by Spamhaus")
+    assert code_meaning("zen.spamhaus.org", "127.255.255.255").startswith("query refused: the resolver sent more")
+    assert code_meaning("bl.spamcop.net", "127.0.0.4") == \
+        "listed (the list's own code; its TXT record and web site say why)"      # Spamhaus codes only for Spamhaus
+    assert code_meaning("bl.example", "127.255.255.1").startswith("query refused")
+    assert code_meaning("bl.example", "192.0.2.1").startswith("not a block list answer")
+    assert removal_page("b.barracudacentral.org") == "https://www.barracudacentral.org/rbl/removal-request"
+    assert removal_page("bl.spamcop.net").startswith("https://www.spamcop.net/")

@@ -139,8 +139,9 @@ def _mx_record_fix(ctx: Context, domain: str, report: MxReport | None = None) ->
     for address in target.public_addresses:
         kind = "A" if ipaddress.ip_address(address).version == 4 else "AAAA"
         records.append(f"{host}. IN {kind} {address}")
+    tail = ", and remove the MX records that point elsewhere" if report and report.foreign else ""
     return (f"publish in the zone of {domain}: {'; '.join(records)} (the public addresses of "
-            f"listener {target.name}), and remove the MX records that point elsewhere")
+            f"listener {target.name}){tail}")
 
 
 def _wrong_listener_findings(ctx: Context, domain: Domain, report: MxReport) -> list[Finding]:
@@ -284,7 +285,7 @@ async def _address_finding(ctx: Context, address: str, where: str) -> Finding:
     if confirmed is None:
         return Finding("dns.rdns.unconfirmed", Level.FAIL,
                        f"the reverse DNS name of {address} does not resolve back to it",
-                       SECTION_DNS, evidence, _ptr_record_fix(address, names[0]), where)
+                       SECTION_DNS, evidence, _ptr_record_fix(address, host), where)
     if confirmed != host and not (host in names and await _resolves_to(ctx, host, address)):
         key = "helo_name" if ctx.config.delivery.helo_name else "hostname"
         return Finding("dns.rdns.helo-mismatch", Level.WARN,

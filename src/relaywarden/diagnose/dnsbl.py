@@ -195,18 +195,28 @@ def _listed_finding(ctx: Context, listing: Listing, listeners: list[str]) -> Fin
                    _where_public(ctx, listing.address))
 
 
-def _refused_finding(ctx: Context, listing: Listing) -> Finding:
-    evidence = tuple(f"{query_name(listing.address, listing.zone)} -> {code}: "
-                     f"{code_meaning(listing.zone, code)}" for code in listing.codes)
+def _refused_finding(ctx: Context, zone: str, listings: list[Listing]) -> Finding:
+    evidence = tuple(f"{query_name(listing.address, zone)} -> {code}: {code_meaning(zone, code)}"
+                     for listing in listings for code in listing.codes)
     nameservers = getattr(ctx.resolver, "nameservers", [])
+    addresses = ", ".join(listing.address for listing in listings)
     return Finding("dnsbl.refused", Level.WARN,
-                   f"{listing.zone} refused to answer for {listing.address}: the result says "
-                   f"nothing about a listing", SECTION_BLOCKLISTS, evidence,
+                   f"{zone} refused to answer for {addresses}: the result says nothing about a "
+                   "listing", SECTION_BLOCKLISTS, evidence,
                    f"query the block lists through a resolver of your own (a local recursive "
                    f"resolver such as unbound, not a public one like 8.8.8.8): set [dns] "
                    f"nameservers ({ctx.loaded.source.where('dns', 'nameservers')}; now "
                    f"{', '.join(map(str, nameservers)) or 'the system resolver'}), or register for "
                    f"the list's paid or data-query service", ctx.loaded.source.where("dns"))
+
+
+def _unchecked_finding(ctx: Context, zone: str, problems: list[tuple[str, str]]) -> Finding:
+    addresses = ", ".join(address for address, _ in problems)
+    return Finding("dnsbl.unchecked", Level.WARN, f"{addresses} could not be checked in {zone}",
+                   SECTION_BLOCKLISTS, tuple(problem for _, problem in problems),
+                   f"check that the [dns] nameservers answer for {zone} "
+                   f"({ctx.loaded.source.where('dns')}), then run `relaywarden doctor --check "
+                   "dnsbl` again", _where_zone(ctx, zone))
 
 
 def _bogus_finding(ctx: Context, listing: Listing) -> Finding:
@@ -218,11 +228,12 @@ def _bogus_finding(ctx: Context, listing: Listing) -> Finding:
                    f"({_where_zone(ctx, listing.zone)})", _where_zone(ctx, listing.zone))
 
 
+def _is_refusal(listing: Listing) -> bool:
+    return all(ipaddress.ip_address(c) in REFUSED_NETWORK for c in listing.codes)
+
+
 def _classify(ctx: Context, listing: Listing, listeners: list[str]) -> Finding:
-    ips = [ipaddress.ip_address(c) for c in listing.codes]
-    if all(ip in REFUSED_NETWORK for ip in ips):
-        return _refused_finding(ctx, listing)
-    if not all(ip in LISTED_NETWORK for ip in ips):
+    if not all(ipaddress.ip_address(c) in LISTED_NETWORK for c in listing.codes):
         return _bogus_finding(ctx, listing)
     return _listed_finding(ctx, listing, listeners)
 
@@ -285,18 +296,19 @@ def _report(ctx: Context, addresses: dict[str, list[str]], zones: list[str],
             pairs: list[tuple[str, str]], results: list[Listing | str | None]) -> list[Finding]:
     findings: list[Finding] = []
     clean: dict[str, list[str]] = {address: [] for address in addresses}
+    refused: dict[str, list[Listing]] = {}
+    unchecked: dict[str, list[tuple[str, str]]] = {}
     for (address, zone), result in zip(pairs, results):
         if result is None:
             clean[address].append(zone)
         elif isinstance(result, str):
-            findings.append(Finding("dnsbl.unchecked", Level.WARN,
-                                    f"{address} could not be checked in {zone}", SECTION_BLOCKLISTS,
-                                    (result,), "check that the [dns] nameservers answer for "
-                                    f"{zone} ({ctx.loaded.source.where('dns')}), then run "
-                                    "`relaywarden doctor --check dnsbl` again",
-                                    _where_zone(ctx, zone)))
+            unchecked.setdefault(zone, []).append((address, result))
+        elif _is_refusal(result):
+            refused.setdefault(zone, []).append(result)
         else:
             findings.append(_classify(ctx, result, addresses[address]))
+    findings += [_refused_finding(ctx, zone, listings) for zone, listings in refused.items()]
+    findings += [_unchecked_finding(ctx, zone, problems) for zone, problems in unchecked.items()]
     for address, ok_zones in clean.items():
         if len(ok_zones) == len(zones):
             findings.append(Finding("dnsbl.clean", Level.OK,
