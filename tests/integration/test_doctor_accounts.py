@@ -84,6 +84,12 @@ def doctor(srv: RelayServer, check, data_dir: Path | None = None):
     return asyncio.run(check(context(srv, data_dir)))
 
 
+def doctor_cli(srv: RelayServer, *args: str) -> subprocess.CompletedProcess:
+    """``relaywarden doctor`` run as the administrator runs it, on these two checks."""
+    return srv.run_cli("doctor", "--config", str(srv.config_path), "--data-dir", str(srv.data_dir),
+                       "--offline", "--check", "accounts", "--check", "queue-spam", *args)
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=60)
 
@@ -203,6 +209,13 @@ def test_login_after_a_burst_of_failed_logins(start_server, client_tls):
     assert found.fix.startswith(f"relaywarden user suspend-relay bob@example.test --data-dir {srv.data_dir}; "
                                 f"relaywarden user passwd bob@example.test --data-dir {srv.data_dir}; ")
 
+    r = doctor_cli(srv, "--json")
+    assert r.returncode == 2, r.stderr
+    report = json.loads(r.stdout)
+    assert [(f["check"], f["level"]) for f in report["findings"]] == [
+        ("accounts.guessed-password", "fail"), ("queue-spam", "ok")]
+    assert report["findings"][0]["section"] == "relay from a compromised account"
+
 
 def test_guest_account_with_the_relay_right(start_server, client_tls):
     srv = start_server(CONFIG, users={**USERS, "scanner@example.test": "scan2me"})
@@ -239,3 +252,7 @@ def test_healthy_server_is_ok(start_server, client_tls):
     queue = doctor(srv, check_queue_spam)
     assert [(f.check, f.level) for f in queue] == [("queue-spam", Level.OK)]
     assert queue[0].evidence[0] == "19 messages, 25 recipients waiting"
+
+    r = doctor_cli(srv)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 ok, 0 warnings, 0 failures, 0 skipped" in r.stdout
