@@ -340,8 +340,9 @@ def _burst_finding(ctx: Context, a: Activity) -> Finding | None:
         (f"usual per {_hours(ctx)} over the last {b.windows:.1f} windows: {b.recipients:.1f} recipients, "
          f"{b.domains:.1f} domains, {b.clients:.1f} client addresses" if history else
          "the event log holds no history before this window to compare with"),
-        f"above {doctor.burst_factor:g}x the usual: {', '.join(over)}",
     ]
+    if history:
+        evidence.append(f"above {doctor.burst_factor:g}x the usual: {', '.join(over)}")
     if r.domains:
         evidence.append("domains: " + ", ".join(sorted(r.domains)[:_SHOWN])
                         + (f" and {len(r.domains) - _SHOWN} more" if len(r.domains) > _SHOWN else ""))
