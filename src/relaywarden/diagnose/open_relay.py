@@ -144,16 +144,18 @@ async def _battery_for(ctx: Context, index: int, listener: Listener) -> list[Fin
         stranger = STRANGER if ipaddress.ip_address(host).version == 4 else "2001:db8::1"
         proxy_header = build_v1((stranger, 40000), (host, port))
         client = stranger
+    # The battery must come from an address the relay list says nothing about: one it trusts
+    # (mode only) would relay legitimately, one it singles out (all-except) would hide the open
+    # relay that every other client sees.
     match = access_list_match(listener.relay, client, None)
-    loopback_relays = (match is not None) == (listener.relay.mode is Mode.ONLY)
-    if loopback_relays:
-        why = (f"relay entry {match[1]} lets {client} relay" if match
-               else f"relay mode all-except does not exclude {client}")
+    if match is not None:
+        why = (f"relay entry {match[1]} lets {client} relay" if listener.relay.mode is Mode.ONLY
+               else f"relay entry {match[1]} excludes {client}, unlike other clients")
         return [Finding(
             "open-relay.live", Level.SKIP,
             f"listener {name}: the battery cannot test an unauthorised client from here ({why})",
             SECTION_OPEN_RELAY,
-            (f"the battery would connect from {client}, which this listener trusts",),
+            (f"the battery would connect from {client}, which the relay list names",),
             f"run from a host outside the relay list: relaywarden relay-test <public address>:{port} "
             f"--local-domain {_local_domain(ctx, listener)}", where)]
     results = await run_battery(host, port, local_domain=_local_domain(ctx, listener), timeout=ctx.timeout,
