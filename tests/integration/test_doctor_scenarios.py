@@ -304,7 +304,7 @@ def test_scenario_4_refused_alias_fails_with_the_domain_to_add(start_server):
     assert fail["fix"].startswith(f'add [[domain]] name = "oldname.test" kind = "authoritative" to {srv.config_path}')
     aliases = line_of(srv.config_path, 'aliases = ["a.lice@example.test", "alice@oldname.test"]')
     assert fail["where"] == f"{srv.config_path}:{aliases}"
-    assert any("1 recipients in oldname.test refused with 550 5.7.1" in e for e in fail["evidence"])
+    assert any("1 recipient in oldname.test refused with 550 5.7.1" in e for e in fail["evidence"])
 
     healthy = srv.config_path.with_name("fixed.toml")
     healthy.write_text(srv.config_path.read_text() + '\n[[domain]]\nname = "oldname.test"\nkind = "authoritative"\n')

@@ -67,6 +67,10 @@ def _domain_of(address: str | None) -> str:
     return (address or "").rpartition("@")[2].lower()
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _sample(events: Iterable[dict], line) -> tuple[str, ...]:
     events = list(events)
     out = [line(e) for e in events[-SAMPLES:]]
@@ -110,8 +114,8 @@ async def scenario_1(ctx: Context) -> list[Finding]:
                 "allows authenticated relay") if others else ""
         findings.append(Finding(
             "scenarios.1", Level.FAIL,
-            f"authenticated users cannot relay through listener {listener.name}: {len(mine)} "
-            f"recipients refused with 550 5.7.1 in {_window(ctx)} (event 1710)", SCENARIO[1],
+            f"authenticated users cannot relay through listener {listener.name}: "
+            f"{_n(len(mine), 'recipient')} refused with 550 5.7.1 in {_window(ctx)} (event 1710)", SCENARIO[1],
             (f"users refused: {', '.join(f'{u} ({n})' for u, n in users.most_common())}",
              f"listener {listener.name}: auth = {list(listener.auth)}, allow_authenticated = false "
              f"({where})",
@@ -186,8 +190,8 @@ async def scenario_2(ctx: Context) -> list[Finding]:
         evidence = [f"listener {listener.name} is the Internet's: {why}",
                     f"anonymous = false ({where})"]
         if mine:
-            evidence.append(f"{len(mine)} sessions refused with 530 5.7.0 in {_window(ctx)} (event "
-                            f"1713), from {len(clients)} client addresses: "
+            evidence.append(f"{_n(len(mine), 'session')} refused with 530 5.7.0 in {_window(ctx)} (event "
+                            f"1713), from {len(clients)} client address{'es' if len(clients) != 1 else ''}: "
                             + ", ".join(c for c, _ in clients.most_common(SAMPLES)))
         else:
             evidence.append(f"no 530 refusals logged in {_window(ctx)} (is the server running "
@@ -227,7 +231,7 @@ async def scenario_4(ctx: Context) -> list[Finding]:
         where = addresses[0][1]
         evidence = [f"{a} ({w})" for a, w in addresses]
         if mine:
-            evidence.append(f"{len(mine)} recipients in {domain} refused with 550 5.7.1 in "
+            evidence.append(f"{_n(len(mine), 'recipient')} in {domain} refused with 550 5.7.1 in "
                             f"{_window(ctx)} (event 1707)")
             evidence += _sample(mine, _refusal_line)
         level = Level.FAIL if mine else Level.WARN
@@ -280,8 +284,8 @@ async def scenario_5(ctx: Context) -> list[Finding]:
         where = _where(ctx, "route", index)
         messages = {(e.get("message_id"), e.get("fields", {}).get("recipient")) for e, _ in hits}
         hosts = sorted({str(e.get("fields", {}).get("host")) for e, _ in hits})
-        evidence = [f"{len(messages)} recipients refused by {', '.join(hosts)} in {_window(ctx)}",
-                    *_sample([e for e, _ in hits], _delivery_line)]
+        evidence = [f"{_n(len(messages), 'recipient')} refused by {', '.join(hosts)} in {_window(ctx)}",
+                    *_sample(_last_per_recipient(e for e, _ in hits), _delivery_line)]
         rejected = any(kind == "rejected" for _, kind in hits)
         if route.username is None:
             evidence.append(f"route {name} has no username / password_file ({where})")
@@ -312,6 +316,14 @@ async def scenario_5(ctx: Context) -> list[Finding]:
                 f"({tls_where}) and check that {', '.join(route.hosts) or 'the MX hosts'} is the "
                 "right destination", tls_where))
     return findings
+
+
+def _last_per_recipient(events: Iterable[dict]) -> list[dict]:
+    """One event per (message, recipient): the last (7004 and 7003 come in pairs)."""
+    last: dict[tuple, dict] = {}
+    for e in events:
+        last[(e.get("message_id"), e.get("fields", {}).get("recipient"))] = e
+    return list(last.values())
 
 
 def _delivery_line(e: dict) -> str:
@@ -355,7 +367,7 @@ def _proxy_findings(ctx: Context, index: int, listener: Listener, sessions: list
             "scenarios.6.proxy", Level.FAIL,
             f"{sender} sends PROXY protocol headers to listener {name}, which does not take them "
             "from it: the mail behind that proxy is refused", SCENARIO[6],
-            (f"{count} sessions from {sender} began with a PROXY header answered 500 5.5.1 in "
+            (f"{_n(count, 'session')} from {sender} began with a PROXY header answered 500 5.5.1 in "
              f"{_window(ctx)} (event 1105)",
              f"proxy_protocol = {str(listener.proxy_protocol).lower()} ({pp_where}); proxy_from = "
              f"{list(listener.proxy_from)}"),
@@ -401,7 +413,7 @@ def _published_findings(ctx: Context, wrong: list[dict]) -> list[Finding]:
         index = index_of.get(name)
         where = _where(ctx, "listener", index) if index is not None else ctx.loaded.file
         clients = Counter(str(e.get("client")) for e in events)
-        evidence = [f"{len(events)} recipients in {domain} reached listener {name} in {_window(ctx)} "
+        evidence = [f"{_n(len(events), 'recipient')} in {domain} reached listener {name} in {_window(ctx)} "
                     f"(event 1701) from {', '.join(c for c, _ in clients.most_common(SAMPLES))}"]
         if published:
             evidence += [f"listener {l.name} serves {domain} and is published at "
