@@ -3,12 +3,16 @@
 ``PostfixInstance(root, port, queue_mode)`` writes its own configuration directory, queue
 directory and maillog under ``root`` (nothing in /etc/postfix or /var/spool/postfix is touched),
 starts it with ``postfix -c DIR start`` and stops it with ``postfix -c DIR stop`` (then SIGKILL of
-every process left in its tree). It accepts mail for one relay domain and never delivers it:
+every process left in its tree). It accepts mail for one relay domain and, in the first two
+modes, never delivers it:
 
 - ``defer``: the domain's transport is in ``defer_transports``; qmgr moves each message from the
   incoming to the deferred queue (Postfix's ordinary path, with its background work);
 - ``hold``: an access rule answers HOLD; cleanup writes the message straight to the hold queue
-  and nothing else touches it (the closest to relaywarden, which has no delivery yet).
+  and nothing else touches it (the closest to relaywarden with delivery off);
+- ``relay`` (with ``relay_port``): a transport map sends the domain to ``[127.0.0.1]:relay_port``
+  over the ``relay`` transport (the smtp client; Postfix's default concurrency, connection cache
+  and retry settings), so qmgr delivers every message and removes its queue file.
 
 Either way a message is "accepted" only after cleanup has fsynced its queue file, Postfix's
 default durability.
@@ -54,9 +58,13 @@ class PostfixError(RuntimeError):
 
 
 class PostfixInstance:
-    def __init__(self, root: Path, port: int, *, domain: str = "example.test", queue_mode: str = "defer"):
-        if queue_mode not in ("defer", "hold"):
-            raise ValueError(f"queue_mode must be defer or hold, not {queue_mode!r}")
+    def __init__(self, root: Path, port: int, *, domain: str = "example.test", queue_mode: str = "defer",
+                 relay_port: int | None = None):
+        if queue_mode not in ("defer", "hold", "relay"):
+            raise ValueError(f"queue_mode must be defer, hold or relay, not {queue_mode!r}")
+        if (queue_mode == "relay") != (relay_port is not None):
+            raise ValueError("relay_port is given with queue_mode relay, and only then")
+        self.relay_port = relay_port
         self.root = Path(root)
         self.port = port
         self.domain = domain
@@ -100,6 +108,9 @@ class PostfixInstance:
         ]
         if self.queue_mode == "defer":
             lines.append("defer_transports = relay")
+        elif self.queue_mode == "relay":
+            lines += [f"transport_maps = inline:{{ {self.domain}=relay:[127.0.0.1]:{self.relay_port} }}",
+                      "smtp_helo_name = pf.example.test"]
         else:
             lines.append("smtpd_recipient_restrictions = check_recipient_access static:HOLD")
         return "\n".join(lines) + "\n"
@@ -187,7 +198,9 @@ class PostfixInstance:
         return sum(count_files(self.queue_dir / q) for q in QUEUES)
 
     def settled(self) -> bool:
-        """Nothing left for qmgr to move (incoming and active empty)."""
+        """Nothing left for qmgr to move (incoming and active empty); relaying: the queue is empty."""
+        if self.queue_mode == "relay":
+            return self.queued() == 0
         return count_files(self.queue_dir / "incoming") == 0 and count_files(self.queue_dir / "active") == 0
 
     def log_tail(self, lines: int = 30) -> str:
