@@ -54,8 +54,7 @@ async def check_config(ctx: Context) -> list[Finding]:
 
 def _from_audit(f: audit.Finding) -> Finding:
     level = Level.FAIL if f.level == audit.FAIL else Level.WARN
-    return Finding("open-relay.config", level, f.message, SECTION_OPEN_RELAY,
-                   (f"listener {f.listener}",) if f.listener else (), f.fix, f.where)
+    return Finding("open-relay.config", level, f.message, SECTION_OPEN_RELAY, (), f.fix, f.where)
 
 
 def _relay_summary(listener: Listener) -> str:
