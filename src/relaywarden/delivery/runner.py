@@ -62,7 +62,7 @@ class QueueRunner:
         self.hostname = hostname
         self.helo = self.cfg.helo_name or hostname
         self.mail_root = Path(self.cfg.mailbox_root) if self.cfg.mailbox_root else Path(data_dir) / "mail"
-        self.pool = SessionPool()
+        self.pool = SessionPool(max_idle_per_destination=self.cfg.max_per_destination)
         self.timeouts = Timeouts(connect=self.cfg.connect_timeout, command=self.cfg.command_timeout,
                                  data=max(self.cfg.command_timeout, 600.0))
         self._total = asyncio.Semaphore(self.cfg.max_concurrency)
@@ -150,24 +150,70 @@ class QueueRunner:
 
     # --- one message -----------------------------------------------------------------------------
 
-    async def _deliver_message(self, queue_id: str) -> None:
-        message = await asyncio.to_thread(self.queue.get, queue_id)
+    def _load(self, queue_id: str) -> tuple[QueuedMessage | None, bytes | None]:
+        message = self.queue.get(queue_id)
         if message is None or message.hold:
+            return message, None
+        return message, self.queue.message_data(queue_id)
+
+    async def _deliver_message(self, queue_id: str) -> None:
+        message, data = await asyncio.to_thread(self._load, queue_id)
+        if message is None or message.hold or data is None:
             return
         now = time.time()
         due = [r for r in message.recipients
                if r.state in ("pending", "deferred") and (r.next_attempt_at or 0) <= now]
         if not due:
             return
-        data = await asyncio.to_thread(self.queue.message_data, queue_id)
-        if data is None:
-            return
         if now - message.received_at >= self.cfg.max_lifetime and all(r.attempts for r in due):
-            await self._expire(message, due, now)
+            last = DeliveryResult(None, None, None, None, "never attempted", None, False)
+            pairs = [(r, _expired(r.last_result or last, self.cfg.max_lifetime)) for r in due]
+            successes: list[tuple[str, list[QueuedRecipient]]] = []
         else:
-            groups = self._groups(message, due)
-            await asyncio.gather(*(self._deliver_group(message, data, g) for g in groups))
-        await self._after_attempts(queue_id, data)
+            outcomes = await asyncio.gather(*(self._deliver_group(message, data, g)
+                                              for g in self._groups(message, due)))
+            pairs = [p for o in outcomes for p in o[0]]
+            successes = [(o[1], o[2]) for o in outcomes if o[1] is not None and o[2]]
+        await self._finish(message, data, pairs, successes)
+
+    async def _finish(self, message: QueuedMessage, data: bytes,
+                      pairs: list[tuple[QueuedRecipient, DeliveryResult]],
+                      successes: list[tuple[str, list[QueuedRecipient]]]) -> None:
+        """Record what happened and what follows from it, in as few queue writes as it allows.
+
+        When every recipient of the message is now delivered, one write removes the message
+        (the per-recipient results would be deleted with it); otherwise each result is recorded,
+        and a message whose recipients are all final is reported (NDR) and removed.
+        """
+        now = time.time()
+        outcome: dict[int, tuple[DeliveryResult, float | None]] = {}
+        for r, result in pairs:
+            next_at = None
+            if not result.delivered and not result.permanent:
+                next_at = self._next_attempt(message, r, now)
+                if next_at is None:
+                    result = _expired(result, self.cfg.max_lifetime)
+            outcome[r.id] = (result, next_at)
+            self._event_for(message, r, result, next_at)
+        for action, recipients in successes:
+            await self._send_notice(message, data, [], [], action, now, succeeded=recipients)
+        after = [_after(r, outcome.get(r.id), now) for r in message.recipients]
+        if all(r.state == "delivered" for r in after):
+            await asyncio.wrap_future(self.queue.delete_later(message.id))
+            return
+        await asyncio.gather(*(asyncio.wrap_future(self.queue.record_attempt_later(
+            message.id, rid, result, next_attempt_at=next_at, attempted_at=now))
+            for rid, (result, next_at) in outcome.items()))
+        if all(r.state in ("delivered", "failed") for r in after):
+            failed = [r for r in after if r.state == "failed"]
+            await self._send_notice(message, data, failed, [], "failed", now)
+            await asyncio.wrap_future(self.queue.delete_later(message.id))
+            return
+        if self.cfg.delay_warning is not None and now - message.received_at >= self.cfg.delay_warning:
+            delayed = [r for r in after if r.state == "deferred" and not r.delay_warned]
+            if delayed:
+                await self._send_notice(message, data, [], delayed, "delayed", now)
+                await asyncio.wrap_future(self.queue.mark_delay_warned(message.id, [r.id for r in delayed]))
 
     def _groups(self, message: QueuedMessage, due: list[QueuedRecipient]) -> list[_Group]:
         local: list[QueuedRecipient] = []
@@ -200,7 +246,9 @@ class QueueRunner:
             sem = self._per_dest[key] = asyncio.Semaphore(self.cfg.max_per_destination)
         return sem
 
-    async def _deliver_group(self, message: QueuedMessage, data: bytes, group: _Group) -> None:
+    async def _deliver_group(self, message: QueuedMessage, data: bytes, group: _Group
+                             ) -> tuple[list[tuple[QueuedRecipient, DeliveryResult]], str | None, list[QueuedRecipient]]:
+        """The results of one next hop, and the success reports (NOTIFY=SUCCESS) they call for."""
         async with self._total, self._dest_semaphore(group.key):
             if group.kind == "local":
                 results = [await self._deliver_local(message, data, r) for r in group.recipients]
@@ -209,12 +257,10 @@ class QueueRunner:
                 results, dsn_offered = await self._deliver_remote(message, data, group)
                 # a next hop that offers DSN got NOTIFY passed on and reports for itself
                 success_action = None if dsn_offered else "relayed"
-        await self._record(message, list(zip(group.recipients, results)))
-        if success_action is not None:
-            wanted = [replace(r, last_result=res, state="delivered") for r, res in zip(group.recipients, results)
-                      if res.delivered and "SUCCESS" in (n.upper() for n in r.notify)]
-            if wanted:
-                await self._send_notice(message, data, [], [], success_action, time.time(), succeeded=wanted)
+        pairs = list(zip(group.recipients, results))
+        wanted = [replace(r, last_result=res, state="delivered") for r, res in pairs
+                  if res.delivered and "SUCCESS" in (n.upper() for n in r.notify)]
+        return pairs, success_action, wanted
 
     async def _deliver_local(self, message: QueuedMessage, data: bytes, r: QueuedRecipient) -> DeliveryResult:
         entry = self.directory().find(r.route or r.address) or self.directory().find(r.address)
@@ -280,20 +326,6 @@ class QueueRunner:
         wait = min(self.cfg.max_backoff, self.cfg.min_backoff * (2 ** min(r.attempts, 20)))
         return min(now + wait, end)
 
-    async def _record(self, message: QueuedMessage, pairs: list[tuple[QueuedRecipient, DeliveryResult]]) -> None:
-        now = time.time()
-        futures = []
-        for r, result in pairs:
-            next_at = None
-            if not result.delivered and not result.permanent:
-                next_at = self._next_attempt(message, r, now)
-                if next_at is None:
-                    result = _expired(result, self.cfg.max_lifetime)
-            futures.append(asyncio.wrap_future(self.queue.record_attempt_later(
-                message.id, r.id, result, next_attempt_at=next_at, attempted_at=now)))
-            self._event_for(message, r, result, next_at)
-        await asyncio.gather(*futures)
-
     def _event_for(self, message: QueuedMessage, r: QueuedRecipient, result: DeliveryResult, next_at: float | None) -> None:
         where = result.remote_host or ("local mailbox" if r.verdict == "local" else "-")
         reply = " ".join(str(x) for x in (result.reply_code, result.enhanced_code, result.remote_text) if x)
@@ -311,31 +343,6 @@ class QueueRunner:
         else:
             self.emit(EventId.DELIVERY_FAILED, text=f"delivery of {message.id} to <{r.address}> failed: {reply}", **common)
 
-    async def _expire(self, message: QueuedMessage, due: list[QueuedRecipient], now: float) -> None:
-        pairs = []
-        for r in due:
-            last = r.last_result or DeliveryResult(None, None, None, None, "never attempted", None, False)
-            pairs.append((r, _expired(last, self.cfg.max_lifetime)))
-        await self._record(message, pairs)
-
-    async def _after_attempts(self, queue_id: str, data: bytes) -> None:
-        message = await asyncio.to_thread(self.queue.get, queue_id)
-        if message is None:
-            return
-        now = time.time()
-        final = all(r.state in ("delivered", "failed") for r in message.recipients)
-        if final:
-            failed = [r for r in message.recipients if r.state == "failed"]
-            if failed:
-                await self._send_notice(message, data, failed, [], "failed", now)
-            await asyncio.to_thread(self.queue.delete, queue_id)
-            return
-        if self.cfg.delay_warning is not None and now - message.received_at >= self.cfg.delay_warning:
-            delayed = [r for r in message.recipients if r.state == "deferred" and not r.delay_warned]
-            if delayed:
-                await self._send_notice(message, data, [], delayed, "delayed", now)
-                await asyncio.wrap_future(self.queue.mark_delay_warned(queue_id, [r.id for r in delayed]))
-
     async def _send_notice(self, message: QueuedMessage, data: bytes, failed, delayed, action: str, now: float,
                            *, succeeded=()) -> None:
         notice = build_notice(loaded=self.loaded, directory=self.directory(), hostname=self.hostname,
@@ -347,6 +354,16 @@ class QueueRunner:
         ndr_id = await asyncio.wrap_future(self.queue.submit(notice.message))
         log_notice(self.emit, notice, ndr_id)
         self.wake()
+
+
+def _after(r: QueuedRecipient, outcome: tuple[DeliveryResult, float | None] | None, now: float) -> QueuedRecipient:
+    """The recipient as the queue will hold it once ``outcome`` is recorded."""
+    if outcome is None:
+        return r
+    result, next_at = outcome
+    state = "delivered" if result.delivered else "deferred" if next_at is not None else "failed"
+    return replace(r, state=state, last_result=result, attempts=r.attempts + 1, next_attempt_at=next_at,
+                   last_attempt_at=now)
 
 
 def _expired(last: DeliveryResult, lifetime: float) -> DeliveryResult:

@@ -390,8 +390,12 @@ class SqliteQueue(QueueBackend):
         return bool(self._wait(_Write(lambda c: c.execute(sql, (int(hold), queue_id)).rowcount)))
 
     def delete(self, queue_id: str) -> bool:
+        return bool(self.delete_later(queue_id).result())
+
+    def delete_later(self, queue_id: str) -> concurrent.futures.Future[int]:
+        """Like delete, without waiting: the future resolves after the commit."""
         sql = "DELETE FROM message WHERE id = ?"
-        return bool(self._wait(_Write(lambda c: c.execute(sql, (queue_id,)).rowcount)))
+        return self._enqueue(_Write(lambda c: c.execute(sql, (queue_id,)).rowcount))
 
     def hold_many(self, queue_ids: Sequence[str], hold: bool) -> int:
         """Hold (or release) these messages in one write; returns how many changed state."""
