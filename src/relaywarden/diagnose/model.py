@@ -30,7 +30,7 @@ SECTION_OPEN_RELAY = "open relay"
 SECTION_ACCOUNTS = "relay from a compromised account"
 SECTION_QUEUE = "spam in the queue"
 SECTION_BLOCKLISTS = "block lists"
-SECTION_DNS = "DNS (scenario 3)"
+SECTION_DNS = "DNS: reverse DNS and the HELO name"
 SCENARIO = {
     1: "scenario 1: authenticated users cannot relay",
     2: "scenario 2: anonymous access off on the Internet's listener",
