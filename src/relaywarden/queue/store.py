@@ -234,6 +234,10 @@ class SqliteQueue(QueueBackend):
                     f"{SCHEMA_VERSION}"
                 )
             conn.execute("COMMIT")
+            # The writer waits for another process's write lock itself (begin_immediate), in
+            # steps of a fraction of a millisecond: SQLite's own busy handler sleeps 1, 2, 5,
+            # 10 ms ..., which halves the throughput of two processes sharing the queue.
+            conn.execute("PRAGMA busy_timeout = 0")
         except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -319,7 +323,7 @@ class SqliteQueue(QueueBackend):
         if not live:
             return
         try:
-            done, failed = _apply_group(conn, live)
+            done, failed = _apply_group(conn, live, self.busy_timeout)
         except BaseException as exc:
             if conn.in_transaction:
                 try:
@@ -726,8 +730,28 @@ def _replace(conn: sqlite3.Connection, queue_id: str, expected: tuple[int, ...],
 # ---------------------------------------------------------------------- SQL helpers
 
 
+def begin_immediate(conn: sqlite3.Connection, timeout: float) -> None:
+    """BEGIN IMMEDIATE, waiting up to ``timeout`` seconds for another process's write lock in
+    short steps (0.1 ms growing to 2 ms) instead of SQLite's coarse busy-handler sleeps."""
+    deadline = time.monotonic() + timeout
+    pause = 0.0001
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorcode", None)
+            if (busy is not None and busy & 0xFF != sqlite3.SQLITE_BUSY) or (
+                    busy is None and "locked" not in str(exc)):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.002)
+
+
 def _apply_group(
-    conn: sqlite3.Connection, live: list[_Write]
+    conn: sqlite3.Connection, live: list[_Write], busy_timeout: float = 10.0
 ) -> tuple[list[tuple[_Write, Any]], list[tuple[_Write, BaseException]]]:
     """Apply a group in one transaction, each write in its own SAVEPOINT, and COMMIT.
 
@@ -738,7 +762,7 @@ def _apply_group(
     """
     done: list[tuple[_Write, Any]] = []
     failed: list[tuple[_Write, BaseException]] = []
-    conn.execute("BEGIN IMMEDIATE")
+    begin_immediate(conn, busy_timeout)
     for index, write in enumerate(live):
         conn.execute("SAVEPOINT item")
         try:
@@ -750,7 +774,7 @@ def _apply_group(
                 failed.append((write, exc))
                 continue
             failed.extend((w, exc) for w in live[index:])
-            conn.execute("BEGIN IMMEDIATE")
+            begin_immediate(conn, busy_timeout)
             done = [(w, w.apply(conn)) for w, _ in done]
             break
         conn.execute("RELEASE item")
