@@ -21,6 +21,7 @@ Event id ranges (an id is never renumbered; new events take the next free number
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from types import MappingProxyType
 from typing import Any
 
 LOG_FILE_NAME = "events.jsonl"
+LOCK_FILE_NAME = "events.lock"
 
 ID_RANGES: tuple[tuple[int, int, str], ...] = (
     (1000, 1099, "Server, listeners and configuration"),
@@ -587,26 +589,56 @@ class EventLog:
             return reader.read(1) == b"\n"
 
     def _append_locked(self, data: bytes) -> None:
-        if self._file is None:
-            self._open_locked()
-        pending = self._size + self._buffered
-        if pending > 0 and pending + len(data) > self.max_bytes:
-            self._flush_locked()
-            self._rotate_locked()
         self._buffer.append(data)
         self._buffered += len(data)
 
     def _flush_locked(self) -> None:
+        """Write the buffer, rotating first when a record would take the file past max_bytes.
+
+        Several processes (the server's workers, the operator's commands) may append to the same
+        log: each flush holds an exclusive lock on ``events.lock``, reopens the file when another
+        process has rotated it, and measures the file's size afresh; each record goes out whole
+        in one ``write`` to a file opened for appending.
+        """
         self._last_flush = time.monotonic()
         if not self._buffer:
             return
+        records, self._buffer = self._buffer, []
+        self._buffered = 0
+        with open(self.directory / LOCK_FILE_NAME, "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._reopen_if_rotated()
+            piece: list[bytes] = []
+            piece_size = 0
+            for data in records:
+                if self._size + piece_size > 0 and self._size + piece_size + len(data) > self.max_bytes:
+                    self._write_piece(piece)
+                    piece, piece_size = [], 0
+                    self._rotate_locked()
+                piece.append(data)
+                piece_size += len(data)
+            self._write_piece(piece)
+
+    def _write_piece(self, piece: list[bytes]) -> None:
+        if piece:
+            chunk = b"".join(piece)
+            self._write_all(chunk)
+            self._size += len(chunk)
+
+    def _reopen_if_rotated(self) -> None:
+        """Point at the current events.jsonl (another process may have rotated it) and learn its size."""
+        if self._file is not None:
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(self._file.fileno()).st_ino:
+                self._file.close()
+                self._file = None
         if self._file is None:
             self._open_locked()
-        chunk = b"".join(self._buffer)
-        self._buffer.clear()
-        self._buffered = 0
-        self._write_all(chunk)
-        self._size += len(chunk)
+        else:
+            self._size = os.fstat(self._file.fileno()).st_size
 
     def _write_all(self, chunk: bytes) -> None:
         view = memoryview(chunk)

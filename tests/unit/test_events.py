@@ -434,3 +434,29 @@ def test_module_main_prints_the_catalog() -> None:
     result = subprocess.run([sys.executable, "-m", "relaywarden.events"], capture_output=True,
                             text=True, timeout=60, check=True)
     assert result.stdout == render_catalog_markdown() + "\n"
+
+
+def _emit_many(directory: str, tag: str, count: int) -> None:
+    from relaywarden.events import EventId, EventLog
+    with EventLog(Path(directory), max_bytes=20_000, backups=50, flush_interval=0.0) as log:
+        for i in range(count):
+            log.emit(EventId.PROTOCOL_ERROR, text=f"{tag} {i}", seq=i, who=tag)
+
+
+def test_several_processes_share_one_log_and_its_rotation(tmp_path):
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_emit_many, args=(str(tmp_path), f"p{n}", 400)) for n in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    records = list(read_events(tmp_path))
+    seen = {(r["fields"]["who"], r["fields"]["seq"]) for r in records}
+    assert len(records) == 1200 and len(seen) == 1200           # nothing lost, nothing doubled
+    for who in ("p0", "p1", "p2"):                              # each writer's order is kept
+        seqs = [r["fields"]["seq"] for r in records if r["fields"]["who"] == who]
+        assert seqs == sorted(seqs)
+    files = log_files(tmp_path)
+    assert len(files) > 3 and all(f.stat().st_size <= 20_000 for f in files)
