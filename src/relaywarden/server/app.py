@@ -86,7 +86,7 @@ class ListenerRuntime:
 
 
 class Server:
-    def __init__(self, loaded: LoadedConfig, data_dir: Path, *, echo=None):
+    def __init__(self, loaded: LoadedConfig, data_dir: Path, *, echo=None, worker: int = 0):
         self.loaded = loaded
         self.config = loaded.config
         self.hostname = self.config.server.hostname
@@ -104,6 +104,8 @@ class Server:
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self.runner = None          # the delivery QueueRunner, when delivery is enabled
+        self.worker = worker        # index of this process among server.workers; 0 delivers
+        self.workers = self.config.server.workers
         self.resolver = make_resolver(self.config.dns)
 
     # --- events --------------------------------------------------------------------------------
@@ -168,6 +170,7 @@ class Server:
                 rt.aio_server = await loop.create_server(
                     lambda rt=rt: self._new_session(rt), host=lc.address, port=lc.port,
                     ssl=ctx if lc.tls == TlsMode.IMPLICIT else None, reuse_address=True,
+                    reuse_port=self.workers > 1,
                     backlog=1024, start_serving=True)
             except OSError as exc:
                 await self.stop()
@@ -175,10 +178,12 @@ class Server:
             self.listeners.append(rt)
             self.emit(EventId.LISTENER_STARTED, text=f"listener {lc.name} on {lc.address} port {lc.port} (tls {lc.tls.value})",
                       listener=lc.name, address=lc.address, port=lc.port, tls=lc.tls.value)
-        self.emit(EventId.SERVER_STARTED, text=f"relaywarden started with {len(self.listeners)} listener(s); configuration {self.loaded.file}",
-                  config=self.loaded.file, data_dir=str(self.data_dir), pid=os.getpid())
+        self.emit(EventId.SERVER_STARTED, text=(
+            f"relaywarden started with {len(self.listeners)} listener(s); configuration {self.loaded.file}"
+            + (f"; worker {self.worker + 1} of {self.workers}" if self.workers > 1 else "")),
+            config=self.loaded.file, data_dir=str(self.data_dir), pid=os.getpid(), worker=self.worker)
         self._tasks.append(asyncio.ensure_future(self._housekeeping()))
-        if self.config.delivery.enabled:
+        if self.config.delivery.enabled and self.worker == 0:
             from ..delivery.runner import QueueRunner
 
             self.runner = QueueRunner(loaded=self.loaded, queue=self.queue, directory=lambda: self.directory,
@@ -249,15 +254,23 @@ def install_event_loop_policy() -> str:
 
 
 def run(loaded: LoadedConfig, data_dir: Path, *, out=sys.stdout, use_uvloop: bool = True) -> int:
+    """``relaywarden serve``: one process, or a supervisor of ``server.workers`` processes."""
     loop_name = install_event_loop_policy() if use_uvloop else "asyncio"
+    workers = loaded.config.server.workers
+    if workers == 1:
+        return _serve(loaded, data_dir, out=out, loop_name=loop_name, worker=0)
+    return _supervise(loaded, data_dir, out=out, loop_name=loop_name, workers=workers)
 
+
+def _serve(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, worker: int) -> int:
     def echo(record: dict) -> None:
         # errors, and warnings about the server itself (open relay, configuration); not per-session noise
         if record.get("severity") == "error" or (record.get("severity") == "warning" and record["id"] < 1100):
-            print(f"{record['time']} {record['id']} {record['name']}: {record['text']}", file=out, flush=True)
+            if worker == 0:
+                print(f"{record['time']} {record['id']} {record['name']}: {record['text']}", file=out, flush=True)
 
     async def main() -> int:
-        server = Server(loaded, data_dir, echo=echo)
+        server = Server(loaded, data_dir, echo=echo, worker=worker)
         try:
             await server.start()
         except StartError as exc:
@@ -267,19 +280,104 @@ def run(loaded: LoadedConfig, data_dir: Path, *, out=sys.stdout, use_uvloop: boo
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        print(f"relaywarden {loop_name} pid {os.getpid()}; configuration {loaded.file}", file=out)
-        for rt in server.listeners:
-            c = rt.config
-            where = ", ".join(f"{a}:{p}" for a, p in rt.bound)
-            print(f"  listener {c.name:<12} {where:<22} tls={c.tls.value:<9} anonymous={str(c.anonymous).lower():<5} "
-                  f"auth={'+'.join(c.auth) or '-'} relay={'authenticated' if c.allow_authenticated else ''}"
-                  f"{'+list' if c.relay.entries else ''}{'none' if not c.allow_authenticated and not c.relay.entries else ''}",
-                  file=out)
-        print(f"  data   {server.data_dir.resolve()}\n  queue  {server.data_dir.resolve() / 'queue.sqlite'}\n"
-              f"  events {server.data_dir.resolve() / 'log' / 'events.jsonl'}", file=out, flush=True)
+        if worker == 0:
+            _banner(server, loaded, loop_name, out)
         await stop.wait()
-        print("relaywarden: stopping", file=out, flush=True)
+        if worker == 0:
+            print("relaywarden: stopping", file=out, flush=True)
         await server.stop()
         return 0
 
     return asyncio.run(main())
+
+
+def _banner(server: Server, loaded: LoadedConfig, loop_name: str, out) -> None:
+    workers = f"; {server.workers} worker processes" if server.workers > 1 else ""
+    print(f"relaywarden {loop_name} pid {os.getpid()}; configuration {loaded.file}{workers}", file=out)
+    for rt in server.listeners:
+        c = rt.config
+        where = ", ".join(f"{a}:{p}" for a, p in rt.bound)
+        print(f"  listener {c.name:<12} {where:<22} tls={c.tls.value:<9} anonymous={str(c.anonymous).lower():<5} "
+              f"auth={'+'.join(c.auth) or '-'} relay={'authenticated' if c.allow_authenticated else ''}"
+              f"{'+list' if c.relay.entries else ''}{'none' if not c.allow_authenticated and not c.relay.entries else ''}",
+              file=out)
+    print(f"  data   {server.data_dir.resolve()}\n  queue  {server.data_dir.resolve() / 'queue.sqlite'}\n"
+          f"  events {server.data_dir.resolve() / 'log' / 'events.jsonl'}", file=out, flush=True)
+
+
+def _supervise(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, workers: int) -> int:
+    """Fork the workers, pass SIGTERM/SIGINT on to them, restart one that dies, stop all if one
+    cannot start.  Worker 0 also runs the queue runner; all share the listeners (SO_REUSEPORT),
+    the queue and the event log."""
+    problems = check_startable(loaded)
+    if problems and not loaded.config.server.allow_open_relay:
+        # the same refusal as Server.start, before any process is forked
+        lines = [f"{p.where}: listener {p.listener}: {p.message}\n    fix: {p.fix}" for p in problems]
+        print("relaywarden: refusing to start: this configuration makes an open relay\n" + "\n".join(lines),
+              file=sys.stderr)
+        return 2
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    if any(lc.tls != TlsMode.NONE and not lc.certificate for lc in loaded.config.listener):
+        ensure_self_signed(Path(data_dir) / "tls", loaded.config.server.hostname)   # once, before the fork
+    out.flush()
+    sys.stderr.flush()
+
+    def spawn(index: int) -> int:
+        pid = os.fork()
+        if pid == 0:
+            # the supervisor's handlers must not run in a worker (they would signal its siblings)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                code = _serve(loaded, data_dir, out=out, loop_name=loop_name, worker=index)
+            finally:
+                out.flush()
+                os._exit(code)
+        return pid
+
+    children = {spawn(i): i for i in range(workers)}
+    stopping = False
+
+    def forward(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    exit_code = 0
+    restarts: list[float] = []
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            exit_code = max(exit_code, code if code > 0 else 0)
+            continue
+        if code == 2:       # StartError: it cannot listen or load its certificate; neither will a new one
+            print(f"relaywarden: worker {index} could not start; stopping", file=sys.stderr)
+            exit_code = 2
+            forward(signal.SIGTERM, None)
+            continue
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < 60] + [now]
+        if len(restarts) > 5:
+            print("relaywarden: workers keep dying (more than 5 restarts a minute); stopping", file=sys.stderr)
+            exit_code = 1
+            forward(signal.SIGTERM, None)
+            continue
+        print(f"relaywarden: worker {index} (pid {pid}) ended with {code}; starting it again", file=sys.stderr)
+        children[spawn(index)] = index
+    return exit_code

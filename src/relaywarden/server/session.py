@@ -200,7 +200,7 @@ class SmtpSession(asyncio.Protocol):
                                     last_refusal=self.last_refusal, messages=self.core.messages)
         self.server.emit(EventId.SESSION_SUMMARY, self, text=text, accepted=self.accepted,
                          refused=self.refused, messages=self.core.messages,
-                         last_refusal=self.last_refusal, helo=self.core.helo)
+                         last_refusal=self.last_refusal, helo=self.core.helo, worker=self.server.worker)
 
     def expire(self) -> None:
         if self.core is not None and not self.core.closed and not self.core.waiting:
