@@ -49,6 +49,7 @@ SENDER = "bench@client.example.org"
 RELAYWARDEN_CONFIG = """\
 [server]
 hostname = "mx.example.test"
+workers = {workers}
 
 [[listener]]
 name = "mx"
@@ -184,9 +185,10 @@ class MemorySampler(threading.Thread):
 class Relaywarden:
     """relaywarden serve in a child process on one plain-text listener."""
 
-    def __init__(self, root: Path, port: int):
+    def __init__(self, root: Path, port: int, workers: int = 1):
         self.root = root
         self.port = port
+        self.workers = workers
         self.data_dir = root / "data"
         self.config = root / "relaywarden.toml"
         self.output = root / "relaywarden.out"
@@ -194,7 +196,8 @@ class Relaywarden:
 
     def start(self, timeout: float = 30.0) -> Relaywarden:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(RELAYWARDEN_CONFIG.format(port=self.port, domain=DOMAIN, recipient=RECIPIENT))
+        self.config.write_text(RELAYWARDEN_CONFIG.format(port=self.port, domain=DOMAIN, recipient=RECIPIENT,
+                                                                workers=self.workers))
         with open(self.output, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "relaywarden", "serve", "--config", str(self.config),
@@ -390,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=4096, help="message size in octets (smtp-source -l, default 4096)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per smtp-source run (default 300)")
     ap.add_argument("--repeat", type=int, default=1, help="measure every mode this many times, report the median")
+    ap.add_argument("--workers", type=int, default=1, help="relaywarden server.workers (default 1)")
     ap.add_argument("--postfix-queue", choices=("defer", "hold"), default="defer",
                     help="defer: Postfix's ordinary path to the deferred queue; hold: straight to the hold queue")
     ap.add_argument("--py-spy", metavar="PATH", help="profile relaywarden with this py-spy binary during its runs")
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="relaywarden-bench-"))
     os.chmod(root, 0o755)
-    rw = Relaywarden(root / "relaywarden", free_port())
+    rw = Relaywarden(root / "relaywarden", free_port(), args.workers)
     pf = PostfixInstance(root / "postfix", free_port(), domain=DOMAIN, queue_mode=args.postfix_queue)
     sampler: MemorySampler | None = None
     profiler: Profiler | None = None

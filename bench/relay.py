@@ -68,6 +68,7 @@ SMTP_SINK = "/usr/sbin/smtp-sink"
 RELAYWARDEN_CONFIG = """\
 [server]
 hostname = "mx.example.test"
+workers = {workers}
 
 [[listener]]
 name = "mx"
@@ -144,15 +145,16 @@ class Sink:
 class RelayingRelaywarden(Relaywarden):
     """relaywarden serve relaying ``example.test`` to a sink (delivery on)."""
 
-    def __init__(self, root: Path, port: int, sink_port: int, per_destination: int):
-        super().__init__(root, port)
+    def __init__(self, root: Path, port: int, sink_port: int, per_destination: int, workers: int = 1):
+        super().__init__(root, port, workers)
         self.sink_port = sink_port
         self.per_destination = per_destination
 
     def start(self, timeout: float = 30.0) -> RelayingRelaywarden:
         self.root.mkdir(parents=True, exist_ok=True)
         self.config.write_text(RELAYWARDEN_CONFIG.format(port=self.port, domain=DOMAIN, sink_port=self.sink_port,
-                                                         per_destination=self.per_destination))
+                                                         per_destination=self.per_destination,
+                                                         workers=self.workers))
         with open(self.output, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "relaywarden", "serve", "--config", str(self.config),
@@ -389,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=4096, help="message size in octets (smtp-source -l, default 4096)")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds allowed per run, end to end (default 180)")
     ap.add_argument("--repeat", type=int, default=1, help="measure every mode this many times, report the median")
+    ap.add_argument("--workers", type=int, default=1, help="relaywarden server.workers (default 1)")
     ap.add_argument("--per-destination", type=int, default=20,
                     help="relaywarden [delivery] max_per_destination (default 20, Postfix's "
                          "default_destination_concurrency_limit)")
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="relaywarden-bench-relay-"))
     os.chmod(root, 0o755)
     rw_sink, pf_sink = Sink("rw", free_port()), Sink("pf", free_port())
-    rw = RelayingRelaywarden(root / "relaywarden", free_port(), rw_sink.port, args.per_destination)
+    rw = RelayingRelaywarden(root / "relaywarden", free_port(), rw_sink.port, args.per_destination, args.workers)
     pf = PostfixInstance(root / "postfix", free_port(), domain=DOMAIN, queue_mode="relay", relay_port=pf_sink.port)
     sampler: MemorySampler | None = None
     profiler: Profiler | None = None
