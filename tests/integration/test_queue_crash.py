@@ -157,3 +157,56 @@ def test_every_acknowledged_message_survives_sigkill(tmp_path: Path) -> None:
 
     assert len({a[0] for a in acknowledged}) == len(acknowledged)
     assert len(acknowledged) >= ROUNDS * 20
+
+
+BOOKKEEPING_CHILD = r"""
+import sys, time
+from pathlib import Path
+from relaywarden.queue.model import DeliveryResult, MessageIn, RecipientIn
+from relaywarden.queue.store import SqliteQueue
+
+q = SqliteQueue(Path(sys.argv[1]))
+for seq in range(5000):
+    msg = MessageIn(sender="s@ours.example", recipients=(RecipientIn("r@far.example", "r@far.example", None, (),
+                    "relay", "default", "ab"),), data=b"Subject: x\r\n\r\nx\r\n", received_at=time.time(),
+                    listener="mx", client_address="127.0.0.1", client_port=1, helo="h", auth_user=None, tls=None,
+                    body_type="7BIT", smtputf8=False, dsn_ret=None, dsn_envid=None, session_id="s")
+    qid = q.submit(msg).result(timeout=30)                         # durable (synchronous = FULL)
+    print("queued", qid, flush=True)
+    if seq % 2:
+        q.delete_later(qid, durable=False).result(timeout=30)      # bookkeeping (synchronous = NORMAL)
+        print("deleted", qid, flush=True)
+    else:
+        rid = q.recipients(qid)[0].id
+        q.record_attempt_later(qid, rid, DeliveryResult(451, "4.3.0", "h", None, "later", "RCPT", False),
+                               next_attempt_at=time.time() + 60, durable=False).result(timeout=30)
+        print("deferred", qid, flush=True)
+"""
+
+
+def test_bookkeeping_commits_survive_sigkill_and_durable_ones_stay_durable(tmp_path: Path) -> None:
+    """The runner's non-fsynced bookkeeping (durable=False) is still committed to the WAL before
+    its future resolves: a killed process keeps it. Mixed with durable commits, nothing is lost."""
+    db = tmp_path / "queue.sqlite"
+    child = subprocess.Popen([sys.executable, "-c", BOOKKEEPING_CHILD, str(db)], stdout=subprocess.PIPE, text=True)
+    seen: list[tuple[str, str]] = []
+    deadline = time.monotonic() + 30
+    assert child.stdout is not None
+    while len(seen) < 300 and time.monotonic() < deadline:
+        line = child.stdout.readline()
+        if not line:
+            break
+        kind, qid = line.split()
+        seen.append((kind, qid))
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(10)
+    seen += [tuple(line.split()) for line in child.stdout.read().splitlines() if line.strip()]
+    with SqliteQueue(db) as q:
+        for kind, qid in seen:
+            if kind == "deleted":
+                assert q.get(qid) is None, qid
+            elif kind == "deferred":
+                assert q.get(qid).recipients[0].state == "deferred", qid
+        queued = {qid for kind, qid in seen if kind == "queued"}
+        gone = {qid for kind, qid in seen if kind == "deleted"}
+        assert all(q.get(qid) is not None for qid in queued - gone)

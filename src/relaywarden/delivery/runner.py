@@ -198,11 +198,13 @@ class QueueRunner:
         for action, recipients in successes:
             await self._send_notice(message, data, [], [], action, now, succeeded=recipients)
         after = [_after(r, outcome.get(r.id), now) for r in message.recipients]
+        # Bookkeeping after delivery is not fsynced on its own (durable=False): a power loss may
+        # undo it, and the message is then delivered again, never lost (like Postfix's unlink).
         if all(r.state == "delivered" for r in after):
-            await asyncio.wrap_future(self.queue.delete_later(message.id))
+            await asyncio.wrap_future(self.queue.delete_later(message.id, durable=False))
             return
         await asyncio.gather(*(asyncio.wrap_future(self.queue.record_attempt_later(
-            message.id, rid, result, next_attempt_at=next_at, attempted_at=now))
+            message.id, rid, result, next_attempt_at=next_at, attempted_at=now, durable=False))
             for rid, (result, next_at) in outcome.items()))
         if all(r.state in ("delivered", "failed") for r in after):
             failed = [r for r in after if r.state == "failed"]

@@ -138,6 +138,11 @@ class _Write:
     apply: Callable[[sqlite3.Connection], Any]
     future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
     is_message: bool = False
+    # False for bookkeeping that a power loss may undo without losing mail (a delivery result,
+    # the removal of a delivered message: at worst the message is delivered again). A group of
+    # such writes commits with synchronous = NORMAL: written to the WAL, not fsynced; it survives
+    # a crash of the process, and the next durable commit fsyncs it along.
+    durable: bool = True
 
 
 _STOP = object()
@@ -189,6 +194,7 @@ class SqliteQueue(QueueBackend):
         self._readers: list[sqlite3.Connection] = []
         self._local = threading.local()
         self._writer_conn = self._open_writer(max_pages)
+        self._synchronous_full = True
         self._writer = threading.Thread(
             target=self._writer_loop, name=f"queue-writer:{self.path.name}", daemon=True
         )
@@ -322,6 +328,10 @@ class SqliteQueue(QueueBackend):
         live = [w for w in group if w.future.set_running_or_notify_cancel()]
         if not live:
             return
+        durable = any(w.durable for w in live)
+        if durable != self._synchronous_full:
+            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._synchronous_full = durable
         try:
             done, failed = _apply_group(conn, live, self.busy_timeout)
         except BaseException as exc:
@@ -376,11 +386,14 @@ class SqliteQueue(QueueBackend):
         *,
         next_attempt_at: float | None,
         attempted_at: float | None = None,
+        durable: bool = True,
     ) -> concurrent.futures.Future[int]:
-        """Like record_attempt, without waiting: the future resolves after the commit."""
+        """Like record_attempt, without waiting: the future resolves after the commit.
+        ``durable=False``: see ``_Write.durable`` (the queue runner's own bookkeeping)."""
         when = time.time() if attempted_at is None else attempted_at
         return self._enqueue(
-            _Write(lambda conn: _update_recipient(conn, queue_id, recipient_id, result, next_attempt_at, when))
+            _Write(lambda conn: _update_recipient(conn, queue_id, recipient_id, result, next_attempt_at, when),
+                   durable=durable)
         )
 
     def mark_delay_warned(self, queue_id: str, recipient_ids: list[int]) -> concurrent.futures.Future[int]:
@@ -396,10 +409,11 @@ class SqliteQueue(QueueBackend):
     def delete(self, queue_id: str) -> bool:
         return bool(self.delete_later(queue_id).result())
 
-    def delete_later(self, queue_id: str) -> concurrent.futures.Future[int]:
-        """Like delete, without waiting: the future resolves after the commit."""
+    def delete_later(self, queue_id: str, *, durable: bool = True) -> concurrent.futures.Future[int]:
+        """Like delete, without waiting: the future resolves after the commit.
+        ``durable=False`` for a message whose delivery is complete (see ``_Write.durable``)."""
         sql = "DELETE FROM message WHERE id = ?"
-        return self._enqueue(_Write(lambda c: c.execute(sql, (queue_id,)).rowcount))
+        return self._enqueue(_Write(lambda c: c.execute(sql, (queue_id,)).rowcount, durable=durable))
 
     def hold_many(self, queue_ids: Sequence[str], hold: bool) -> int:
         """Hold (or release) these messages in one write; returns how many changed state."""
