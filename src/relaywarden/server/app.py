@@ -336,20 +336,22 @@ def _supervise(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, wor
                 os._exit(code)
         return pid
 
-    children = {spawn(i): i for i in range(workers)}
+    children: dict[int, int] = {}
     stopping = False
 
     def forward(signum, _frame) -> None:
         nonlocal stopping
         stopping = True
-        for pid in children:
+        for pid in list(children):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGTERM, forward)     # before the first fork: no window without it
     signal.signal(signal.SIGINT, forward)
+    for i in range(workers):
+        children[spawn(i)] = i
     exit_code = 0
     restarts: list[float] = []
     while children:
