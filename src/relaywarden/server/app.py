@@ -351,6 +351,8 @@ def _supervise(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, wor
     signal.signal(signal.SIGTERM, forward)     # before the first fork: no window without it
     signal.signal(signal.SIGINT, forward)
     for i in range(workers):
+        if stopping:
+            break
         children[spawn(i)] = i
     exit_code = 0
     restarts: list[float] = []
