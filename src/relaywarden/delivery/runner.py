@@ -203,14 +203,10 @@ class QueueRunner:
         if all(r.state == "delivered" for r in after):
             await asyncio.wrap_future(self.queue.delete_later(message.id, durable=False))
             return
-        await asyncio.gather(*(asyncio.wrap_future(self.queue.record_attempt_later(
-            message.id, rid, result, next_attempt_at=next_at, attempted_at=now, durable=False))
-            for rid, (result, next_at) in outcome.items()))
         if all(r.state in ("delivered", "failed") for r in after):
-            failed = [r for r in after if r.state == "failed"]
-            await self._send_notice(message, data, failed, [], "failed", now)
-            await asyncio.wrap_future(self.queue.delete_later(message.id))
+            await self._bounce_and_remove(message, data, after, outcome, now)
             return
+        await self._record(message, outcome, now)
         if self.cfg.delay_warning is not None and now - message.received_at >= self.cfg.delay_warning:
             delayed = [r for r in after if r.state == "deferred" and not r.delay_warned]
             if delayed:
@@ -344,6 +340,42 @@ class QueueRunner:
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(next_at))} UTC"), next_attempt=next_at, **common)
         else:
             self.emit(EventId.DELIVERY_FAILED, text=f"delivery of {message.id} to <{r.address}> failed: {reply}", **common)
+
+    async def _record(self, message: QueuedMessage, outcome: dict[int, tuple[DeliveryResult, float | None]],
+                      now: float) -> None:
+        await asyncio.gather(*(asyncio.wrap_future(self.queue.record_attempt_later(
+            message.id, rid, result, next_attempt_at=next_at, attempted_at=now, durable=False))
+            for rid, (result, next_at) in outcome.items()))
+
+    async def _bounce_and_remove(self, message: QueuedMessage, data: bytes, after: list[QueuedRecipient],
+                                 outcome: dict[int, tuple[DeliveryResult, float | None]], now: float) -> None:
+        """Every recipient is final and some failed: the NDR is queued and the message removed in
+        one transaction, so a failure in between can neither lose the NDR nor leave a message
+        that nothing will ever pick up again."""
+        failed = [r for r in after if r.state == "failed"]
+        expected = [r.id for r in message.recipients if r.state in ("pending", "deferred")]
+        notice = build_notice(loaded=self.loaded, directory=self.directory(), hostname=self.hostname,
+                              message=message, original=data, failed=failed, action="failed", now=now)
+        try:
+            notice_id = await asyncio.wrap_future(
+                self.queue.replace_later(message.id, expected, notice.message if notice else None))
+        except Exception as exc:
+            # Keep the message: the failed recipients are tried again later (and bounced then).
+            retry = now + self.cfg.min_backoff
+            await self._record(message, {rid: (res, None) if res.delivered else (replace(res, permanent=False), retry)
+                                         for rid, (res, _) in outcome.items()}, now)
+            self.emit(EventId.QUEUE_ERROR, message_id=message.id, text=(
+                f"the NDR for {message.id} could not be queued ({exc}); its failed recipients are kept and "
+                f"retried at {time.strftime('%H:%M:%S', time.gmtime(retry))} UTC"), operation="bounce", error=str(exc))
+            return
+        if notice_id is None:
+            self.emit(EventId.QUEUE_ERROR, message_id=message.id, text=(
+                f"{message.id} changed in the queue while it was being delivered (an operator's hold, "
+                "delete, retry or bounce?); its results were not recorded"), operation="finish", error="changed")
+            return
+        if notice is not None:
+            log_notice(self.emit, notice, notice_id)
+            self.wake()
 
     async def _send_notice(self, message: QueuedMessage, data: bytes, failed, delayed, action: str, now: float,
                            *, succeeded=()) -> None:

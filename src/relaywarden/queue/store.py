@@ -453,6 +453,13 @@ class SqliteQueue(QueueBackend):
                  for qid, rids, notice in replacements]
         return list(self._wait(_Write(lambda c: [_replace(c, *item) for item in items])))
 
+    def replace_later(self, queue_id: str, expected: Sequence[int], notice: MessageIn | None
+                      ) -> concurrent.futures.Future[str | None]:
+        """One ``replace_many`` item without waiting: queue ``notice`` (if any) and delete the
+        message in one transaction, when exactly ``expected`` recipients are still to deliver."""
+        item = (queue_id, tuple(sorted(expected)), notice, self._new_id() if notice else "")
+        return self._enqueue(_Write(lambda c: _replace(c, *item)))
+
     def set_max_pages(self, pages: int) -> int:
         """Change the size limit in database pages (the "disk" of a test); returns the limit
         sqlite applied, which is never below the current size."""

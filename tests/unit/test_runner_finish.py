@@ -1,0 +1,85 @@
+"""The queue runner's last step for a message whose recipients all became final: the NDR and the
+removal happen in one write, so nothing in between can lose the NDR or strand the message."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from relaywarden.config.loader import default_text, parse_text
+from relaywarden.delivery.runner import QueueRunner
+from relaywarden.directory import Directory
+from relaywarden.queue.model import MessageIn, QueueFull, RecipientIn
+from relaywarden.queue.store import SqliteQueue
+
+LOADED = parse_text(default_text(), "default.toml")
+
+
+def _message(recipient: str = "nobody@example.test") -> MessageIn:
+    return MessageIn(sender="someone@example.org",
+                     recipients=(RecipientIn(recipient, f"<{recipient}>", None, (), "local", None, "abcdef"),),
+                     data=b"Subject: x\r\n\r\nhi\r\n", received_at=time.time(), listener="mx",
+                     client_address="127.0.0.1", client_port=1, helo="x", auth_user=None, tls=None,
+                     body_type="7BIT", smtputf8=False, dsn_ret=None, dsn_envid=None, session_id="s")
+
+
+def _runner(q: SqliteQueue, tmp_path: Path, events: list) -> QueueRunner:
+    return QueueRunner(loaded=LOADED, queue=q, directory=lambda: Directory.build(LOADED),
+                       emit=lambda event, **kw: events.append((int(event), kw)), resolver=None,
+                       data_dir=tmp_path, hostname="mx.test")
+
+
+def test_a_failed_recipient_is_bounced_and_the_message_removed_in_one_write(tmp_path):
+    events: list = []
+    with SqliteQueue(tmp_path / "queue.sqlite") as q:
+        qid = q.submit(_message()).result()
+
+        async def run():
+            await _runner(q, tmp_path, events)._deliver_message(qid)
+        asyncio.run(run())
+        assert q.get(qid) is None                                  # the original is gone ...
+        [(ndr_id, rcpts)] = q.due(time.time() + 10, 10)            # ... and its NDR is queued
+        assert rcpts[0].address == "someone@example.org"
+        assert b"multipart/report" in q.message_data(ndr_id)
+        assert 4001 in [e for e, _ in events]
+
+
+def test_when_the_ndr_cannot_be_queued_the_message_stays_and_is_retried(tmp_path):
+    events: list = []
+    with SqliteQueue(tmp_path / "queue.sqlite") as q:
+        qid = q.submit(_message()).result()
+        real = q.replace_later
+
+        def full(*args, **kwargs):
+            raise QueueFull("disk full")
+
+        async def run():
+            q.replace_later = full
+            try:
+                await _runner(q, tmp_path, events)._deliver_message(qid)
+            finally:
+                q.replace_later = real
+        asyncio.run(run())
+        [r] = q.recipients(qid)
+        assert r.state == "deferred" and r.last_result.reply_code == 550     # kept, with the real reply
+        assert [qid] == [m for m, _ in q.due(time.time() + 10**4, 10)]       # picked up again later
+        assert 3002 in [e for e, _ in events]
+
+
+def test_a_message_changed_by_an_operator_meanwhile_is_left_alone(tmp_path):
+    events: list = []
+    with SqliteQueue(tmp_path / "queue.sqlite") as q:
+        qid = q.submit(_message()).result()
+        runner = _runner(q, tmp_path, events)
+
+        async def run():
+            message, data = runner._load(qid)
+            q.delete(qid)                                   # `queue delete` in another process
+            due = [r for r in message.recipients]
+            from relaywarden.queue.model import DeliveryResult
+            result = DeliveryResult(550, "5.1.1", "mx.test", None, "no such mailbox", "LOCAL", True)
+            await runner._finish(message, data, [(due[0], result)], [])
+        asyncio.run(run())
+        assert q.count() == 0                                # no NDR for a message the operator removed
+        assert 3002 in [e for e, _ in events]
