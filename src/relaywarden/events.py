@@ -25,6 +25,7 @@ import fcntl
 import json
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -501,6 +502,7 @@ class EventLog:
     """
 
     _BUFFER_LIMIT = 64 * 1024
+    _KEEP_ON_ERROR = 10_000       # records kept in memory while the log cannot be written
 
     def __init__(self, directory: Path, *, max_bytes: int = 50_000_000, backups: int = 10,
                  echo: Callable[[dict], None] | None = None, flush_interval: float = 0.5,
@@ -523,6 +525,8 @@ class EventLog:
         self._file: Any = None  # io.FileIO while open
         self._size = 0
         self._last_flush = time.monotonic()
+        self._last_error_report = -1e9
+        self.dropped = 0              # records lost because the log could not be written
 
     # -- public API --------------------------------------------------------------------------
 
@@ -605,19 +609,45 @@ class EventLog:
             return
         records, self._buffer = self._buffer, []
         self._buffered = 0
-        with open(self.directory / LOCK_FILE_NAME, "ab") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._reopen_if_rotated()
-            piece: list[bytes] = []
-            piece_size = 0
-            for data in records:
-                if self._size + piece_size > 0 and self._size + piece_size + len(data) > self.max_bytes:
-                    self._write_piece(piece)
-                    piece, piece_size = [], 0
-                    self._rotate_locked()
-                piece.append(data)
-                piece_size += len(data)
-            self._write_piece(piece)
+        written = 0
+        try:
+            with open(self.directory / LOCK_FILE_NAME, "ab") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._reopen_if_rotated()
+                piece: list[bytes] = []
+                piece_size = 0
+                for data in records:
+                    if self._size + piece_size > 0 and self._size + piece_size + len(data) > self.max_bytes:
+                        self._write_piece(piece)
+                        written += len(piece)
+                        piece, piece_size = [], 0
+                        self._rotate_locked()
+                    piece.append(data)
+                    piece_size += len(data)
+                self._write_piece(piece)
+                written += len(piece)
+        except OSError as exc:
+            # A full disk or a broken log directory must never stop the mail: keep what was not
+            # written (bounded), say so on stderr once a minute, and try again at the next flush.
+            self._keep_unwritten(records[written:], exc)
+
+    def _keep_unwritten(self, records: list[bytes], exc: OSError) -> None:
+        if self._file is not None:      # reopened at the next flush, which ends a torn line first
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        kept = records[-self._KEEP_ON_ERROR:]
+        self.dropped += len(records) - len(kept)
+        self._buffer = kept + self._buffer
+        self._buffered = sum(len(r) for r in self._buffer)
+        now = time.monotonic()
+        if now - self._last_error_report >= 60.0:
+            self._last_error_report = now
+            print(f"relaywarden: cannot write the event log in {self.directory}: {exc}; "
+                  f"{len(self._buffer)} records kept in memory, {self.dropped} dropped so far",
+                  file=sys.stderr, flush=True)
 
     def _write_piece(self, piece: list[bytes]) -> None:
         if piece:

@@ -460,3 +460,25 @@ def test_several_processes_share_one_log_and_its_rotation(tmp_path):
         assert seqs == sorted(seqs)
     files = log_files(tmp_path)
     assert len(files) > 3 and all(f.stat().st_size <= 20_000 for f in files)
+
+
+def test_a_log_that_cannot_be_written_never_raises_and_catches_up(tmp_path, monkeypatch, capsys):
+    from relaywarden.events import EventId, EventLog
+    log = EventLog(tmp_path, flush_interval=0.0)
+    real_write_all = EventLog._write_all
+    failing = {"on": True}
+
+    def write_all(self, chunk):
+        if failing["on"]:
+            raise OSError(28, "No space left on device")
+        real_write_all(self, chunk)
+
+    monkeypatch.setattr(EventLog, "_write_all", write_all)
+    for i in range(5):
+        log.emit(EventId.QUEUE_ERROR, text=f"disk full {i}")      # an ERROR flushes at once: must not raise
+    assert "cannot write the event log" in capsys.readouterr().err
+    failing["on"] = False
+    log.emit(EventId.QUEUE_ERROR, text="disk has room again")
+    log.close()
+    texts = [r["text"] for r in read_events(tmp_path)]
+    assert texts == [f"disk full {i}" for i in range(5)] + ["disk has room again"]
