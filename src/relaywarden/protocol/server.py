@@ -230,6 +230,11 @@ class SmtpServer:
         return self.state is State.CLOSED
 
     @property
+    def buffered(self) -> int:
+        """Input octets received but not yet processed (the driver pauses reading past a limit)."""
+        return len(self._in)
+
+    @property
     def waiting(self) -> bool:
         return self._pending is not None
 

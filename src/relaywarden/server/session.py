@@ -28,6 +28,8 @@ from .tls import describe
 if TYPE_CHECKING:
     from .app import ListenerRuntime
 
+_MAX_BUFFERED = 256 * 1024     # input held in memory while the session waits, before reading pauses
+
 _REFUSAL_EVENTS = {
     "smuggling": EventId.SMUGGLING_REFUSED,
     "pipelining-before-starttls": EventId.PIPELINING_BEFORE_STARTTLS,
@@ -56,6 +58,7 @@ class SmtpSession(asyncio.Protocol):
         self.last_refusal: str | None = None
         self._proxy_buf: bytearray | None = None
         self._early: bytearray | None = None      # input that arrived before the greeting
+        self._reading_paused = False
         # Decrypted bytes that arrive after the handshake but before _starttls() resumes
         # (a fast client's first command can come with its Finished message): kept, not lost.
         self._tls_early: bytearray | None = None
@@ -142,11 +145,26 @@ class SmtpSession(asyncio.Protocol):
             return
         if self._tls_early is not None:
             self._tls_early += data
+            self._hold_input(len(self._tls_early))
             return
         if self.core is None:
             return
         self.core.receive(data)
         self._pump()
+        if self.core.waiting:
+            self._hold_input(self.core.buffered)
+
+    def _hold_input(self, buffered: int) -> None:
+        """Stop reading while a client that must wait (for a commit, a password check, a DNS
+        answer, the TLS handshake) keeps sending: its input stays in the kernel, not in memory."""
+        if buffered > _MAX_BUFFERED and not self._reading_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._reading_paused = True
+
+    def _release_input(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.transport.is_closing():
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     def _proxy_header(self, data: bytes) -> None:
         buf = self._proxy_buf
@@ -245,6 +263,8 @@ class SmtpSession(asyncio.Protocol):
                 if self.transport:
                     self.transport.close()
         self._flush()
+        if self._reading_paused and not c.waiting and self._early is None and self._tls_early is None:
+            self._release_input()
 
     def _flush(self) -> None:
         out = self.core.take_output() if self.core else b""
@@ -383,29 +403,31 @@ class SmtpSession(asyncio.Protocol):
         afut.add_done_callback(lambda f: self._queued(f, None, msg))
 
     def _queued(self, fut, exc: BaseException | None, msg) -> None:
+        """The queue's answer: reply first (the client is owed it), then log and wake the runner.
+        A message committed after its client went away is still queued, logged and delivered."""
         if exc is None:
             exc = fut.exception()
-        if self.core is None or self.core.closed:
-            if exc is None:
-                return   # committed; the client went away before it saw the 250: it may resend
+        open_ = self.core is not None and not self.core.closed
         if exc is None:
             qid = fut.result()
-            self.server.emit(EventId.MESSAGE_QUEUED, self, message_id=qid, text=(
-                f"queued {qid} from <{msg.sender}> for {len(msg.recipients)} recipient(s), {len(msg.data)} octets"),
-                sender=msg.sender, recipients=[r.address for r in msg.recipients], size=len(msg.data))
+            if open_:
+                self.core.message_result(status.queued(qid))
             self.server.metrics["queued"] += 1
             if self.server.runner is not None:
                 self.server.runner.wake()
-            self.core.message_result(status.queued(qid))
+            self.server.emit(EventId.MESSAGE_QUEUED, self, message_id=qid, text=(
+                f"queued {qid} from <{msg.sender}> for {len(msg.recipients)} recipient(s), {len(msg.data)} octets"
+                + ("" if open_ else "; the client left before the 250")),
+                sender=msg.sender, recipients=[r.address for r in msg.recipients], size=len(msg.data))
         else:
             reply = status.storage_full() if isinstance(exc, QueueFull) else status.queue_error()
+            self.last_refusal = str(reply)
+            if open_:
+                self.core.message_result(reply)
             self.server.emit(EventId.QUEUE_ERROR, self, text=f"message from <{msg.sender}> not queued: {exc}; answered {reply}",
                              reply=str(reply), error=str(exc))
-            self.last_refusal = str(reply)
-            if self.core is None or self.core.closed:
-                return
-            self.core.message_result(reply)
-        self._pump()
+        if open_:
+            self._pump()
 
 
 def _clean(address: str) -> str:

@@ -1,0 +1,35 @@
+"""A client that keeps sending while its session waits (here: the delay after a failed AUTH) is
+not read into memory: the server stops reading, and the kernel's buffers fill up instead."""
+
+import base64
+import socket
+import time
+
+from tests.support.server import QUEUE_ONLY_CONFIG
+
+
+def test_input_is_not_read_while_the_session_waits(start_server):
+    config = QUEUE_ONLY_CONFIG.replace("auth_failure_delay = 0.0", "auth_failure_delay = 3.0").replace(
+        'auth = ["PLAIN", "LOGIN"]', 'auth = ["PLAIN", "LOGIN"]\nauth_plaintext = true').replace(
+        "require_tls = true", "require_tls = false")
+    srv = start_server(config, users={"alice@example.test": "right"})
+    sock = socket.create_connection(("127.0.0.1", srv.ports["submission"]), timeout=5)
+    sock.recv(1024)
+    sock.sendall(b"EHLO flood.example\r\n")
+    time.sleep(0.3)
+    sock.recv(4096)
+    bad = base64.b64encode(b"\0alice@example.test\0wrong").decode()
+    sock.sendall(f"AUTH PLAIN {bad}\r\n".encode())
+    time.sleep(0.2)                                   # the failed AUTH now waits 3 s
+    sock.setblocking(False)
+    chunk = b"NOOP\r\n" * 10922                       # 64 KiB
+    sent, deadline = 0, time.monotonic() + 1.5
+    while time.monotonic() < deadline and sent < 256 * 1024 * 1024:
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.01)
+    sock.close()
+    # without back-pressure the server would have read all of it (hundreds of MiB in 1.5 s on
+    # loopback); with it, only its 256 KiB limit plus what the kernel's socket buffers hold
+    assert sent < 64 * 1024 * 1024, sent
