@@ -103,3 +103,12 @@ def test_workers_refuse_an_open_relay_before_forking(tmp_path, start_server):
     config = CONFIG.replace("SINKPORT", "25").replace('mode = "only"', 'mode = "all-except"')
     with pytest.raises(RuntimeError, match="open relay"):
         start_server(config)
+
+
+def test_one_server_per_data_directory(tmp_path, start_server):
+    from tests.support.server import RelayServer
+
+    first = start_server(CONFIG.replace("SINKPORT", "25"))
+    second = RelayServer(CONFIG.replace("SINKPORT", "25"), first.data_dir)     # same data dir, other ports
+    with pytest.raises(RuntimeError, match="already served by pid"):
+        second.start(timeout=10)

@@ -256,10 +256,38 @@ def install_event_loop_policy() -> str:
 def run(loaded: LoadedConfig, data_dir: Path, *, out=sys.stdout, use_uvloop: bool = True) -> int:
     """``relaywarden serve``: one process, or a supervisor of ``server.workers`` processes."""
     loop_name = install_event_loop_policy() if use_uvloop else "asyncio"
+    lock = _lock_data_dir(Path(data_dir))
+    if lock is None:
+        return 2
     workers = loaded.config.server.workers
     if workers == 1:
         return _serve(loaded, data_dir, out=out, loop_name=loop_name, worker=0)
     return _supervise(loaded, data_dir, out=out, loop_name=loop_name, workers=workers)
+
+
+def _lock_data_dir(data_dir: Path):
+    """One server per data directory: two would deliver the same queue twice, and with
+    SO_REUSEPORT a stale one would silently share the ports. The lock lives as long as the
+    process (and its workers, which inherit it)."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "serve.lock"
+    handle = open(path, "a+")  # noqa: SIM115 - held for the life of the process
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        print(f"relaywarden: {data_dir} is already served by pid {holder}; stop it first, or use "
+              "another --data-dir", file=sys.stderr)
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def _serve(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, worker: int) -> int:
@@ -322,20 +350,33 @@ def _supervise(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, wor
     out.flush()
     sys.stderr.flush()
 
-    def spawn(index: int) -> int:
-        pid = os.fork()
-        if pid == 0:
-            # the supervisor's handlers must not run in a worker (they would signal its siblings)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = 1
-            try:
-                code = _serve(loaded, data_dir, out=out, loop_name=loop_name, worker=index)
-            finally:
-                out.flush()
-                os._exit(code)
-        return pid
+    def spawn(index: int) -> None:
+        """Fork worker ``index`` and record it, with SIGTERM/SIGINT blocked meanwhile so that a
+        stop can never miss a worker that was being forked."""
+        stop_signals = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            if stopping:
+                return
+            pid = os.fork()
+            if pid != 0:
+                children[pid] = index
+                return
+        finally:
+            if os.getpid() == supervisor:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+        # the worker: the supervisor's handlers must not run here (they would signal its siblings)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+        code = 1
+        try:
+            code = _serve(loaded, data_dir, out=out, loop_name=loop_name, worker=index)
+        finally:
+            out.flush()
+            os._exit(code)
 
+    supervisor = os.getpid()
     children: dict[int, int] = {}
     stopping = False
 
@@ -351,9 +392,7 @@ def _supervise(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, wor
     signal.signal(signal.SIGTERM, forward)     # before the first fork: no window without it
     signal.signal(signal.SIGINT, forward)
     for i in range(workers):
-        if stopping:
-            break
-        children[spawn(i)] = i
+        spawn(i)
     exit_code = 0
     restarts: list[float] = []
     while children:
@@ -383,5 +422,5 @@ def _supervise(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, wor
             forward(signal.SIGTERM, None)
             continue
         print(f"relaywarden: worker {index} (pid {pid}) ended with {code}; starting it again", file=sys.stderr)
-        children[spawn(index)] = index
+        spawn(index)
     return exit_code
