@@ -67,6 +67,7 @@ class QueueRunner:
                                  data=max(self.cfg.command_timeout, 600.0))
         self._total = asyncio.Semaphore(self.cfg.max_concurrency)
         self._per_dest: dict[tuple, asyncio.Semaphore] = {}
+        self._dest_users: dict[tuple, int] = {}
         self._in_flight: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
@@ -238,16 +239,26 @@ class QueueRunner:
             groups.append(_Group("remote", key, domain, choice, tuple(rcpts)))
         return groups
 
-    def _dest_semaphore(self, key: tuple) -> asyncio.Semaphore:
+    @contextlib.asynccontextmanager
+    async def _destination_slot(self, key: tuple):
+        """One of ``max_per_destination`` slots for this next hop; a destination nobody waits
+        for any more is forgotten (a flood to random domains must not grow the table)."""
         sem = self._per_dest.get(key)
         if sem is None:
             sem = self._per_dest[key] = asyncio.Semaphore(self.cfg.max_per_destination)
-        return sem
+        self._dest_users[key] = self._dest_users.get(key, 0) + 1
+        try:
+            async with sem:
+                yield
+        finally:
+            self._dest_users[key] -= 1
+            if not self._dest_users[key]:
+                del self._dest_users[key], self._per_dest[key]
 
     async def _deliver_group(self, message: QueuedMessage, data: bytes, group: _Group
                              ) -> tuple[list[tuple[QueuedRecipient, DeliveryResult]], str | None, list[QueuedRecipient]]:
         """The results of one next hop, and the success reports (NOTIFY=SUCCESS) they call for."""
-        async with self._total, self._dest_semaphore(group.key):
+        async with self._total, self._destination_slot(group.key):
             if group.kind == "local":
                 results = [await self._deliver_local(message, data, r) for r in group.recipients]
                 success_action = "delivered"

@@ -551,6 +551,11 @@ class SmtpServer:
 
     def _auth_line(self, raw: bytes) -> None:
         assert self._sasl is not None
+        if not raw.endswith(b"\r\n") or b"\r" in raw[:-2]:
+            self._sasl = None
+            self.state = State.READY
+            self._error(status.syntax_error("lines must end with CRLF, and CR or LF alone is not allowed"), "syntax")
+            return
         line = raw.rstrip(b"\r\n").decode("ascii", "replace")
         try:
             outcome = self._sasl.step(line)

@@ -64,8 +64,16 @@ def build_message(*, envelope, data: bytes, listener: str, client_address: str, 
                   helo: str, auth_user: str | None, tls: str | None, session_id: str,
                   received_at: float | None = None) -> MessageIn:
     recipients = []
+    seen: set[tuple[str, str, str | None]] = set()
     for rcpt in envelope.recipients:
         decision = rcpt.info
+        # The same recipient twice (RCPT repeated, or an address and its alias reaching one
+        # mailbox) is delivered once; each RCPT still got its own 250.
+        key = (str(decision.verdict.value), decision.recipient.casefold() if decision.mailbox is None else "",
+               decision.mailbox.casefold() if decision.mailbox else decision.route)
+        if key in seen:
+            continue
+        seen.add(key)
         recipients.append(RecipientIn(
             address=decision.recipient,
             original=rcpt.path.raw,
