@@ -133,16 +133,19 @@ def test_proxy_address_on_the_relay_list_does_not_open_relay(srv):
     assert denied["client"] == "203.0.113.9"
 
 
-def test_v2_local_uses_the_socket_address(srv):
+def test_v2_local_is_an_unknown_client_not_the_proxy(srv):
+    """The relay list covers the proxy (127.0.0.1); a LOCAL header must not borrow its address."""
     with proxied(srv, "proxied_local", build_v2(None, None, local=True)) as c:
-        run_dialog(c, RELAY_ATTEMPT.format(rcpt="local@example.net", reply="250 2.1.5"))
-    assert decision_event(srv, "local@example.net")["client"] == "127.0.0.1"
+        run_dialog(c, RELAY_ATTEMPT.format(rcpt="local@example.net", reply="550 5.7.1"))
+    denied = srv.wait_for_event(lambda e: e["id"] == 1709 and e["fields"].get("recipient") == "local@example.net")
+    assert denied["client"] == "unknown" and denied["fields"]["proxy"] == "127.0.0.1"
 
 
-def test_v1_unknown_uses_the_socket_address(srv):
+def test_v1_unknown_is_an_unknown_client_not_the_proxy(srv):
     with proxied(srv, "proxied_local", build_v1(None, None)) as c:
-        run_dialog(c, RELAY_ATTEMPT.format(rcpt="unknown@example.net", reply="250 2.1.5"))
-    assert decision_event(srv, "unknown@example.net")["client"] == "127.0.0.1"
+        run_dialog(c, RELAY_ATTEMPT.format(rcpt="unknown@example.net", reply="550 5.7.1"))
+    denied = srv.wait_for_event(lambda e: e["id"] == 1709 and e["fields"].get("recipient") == "unknown@example.net")
+    assert denied["client"] == "unknown"
 
 
 def test_header_in_pieces(srv):

@@ -18,7 +18,12 @@ def received_header(*, helo: str, client_address: str, client_rdns: str | None, 
                     protocol: str, session_id: str, tls: str | None, recipient: str | None,
                     when: float) -> bytes:
     """A Received header (RFC 5321 4.4, protocol names of RFC 3848)."""
-    literal = f"[IPv6:{client_address}]" if ":" in client_address else f"[{client_address}]"
+    if ":" in client_address:
+        literal = f"[IPv6:{client_address}]"
+    elif client_address[:1].isdigit():
+        literal = f"[{client_address}]"
+    else:
+        literal = client_address       # "unknown": a proxy did not say who the client is
     origin = f"{client_rdns} {literal}" if client_rdns else literal
     lines = [f"Received: from {helo} ({origin})",
              f"\tby {hostname} (relaywarden) with {protocol} id {session_id}"]

@@ -28,6 +28,7 @@ from .tls import describe
 if TYPE_CHECKING:
     from .app import ListenerRuntime
 
+UNKNOWN_CLIENT = "unknown"     # the client behind a proxy that did not say who it is
 _MAX_BUFFERED = 256 * 1024     # input held in memory while the session waits, before reading pauses
 
 _REFUSAL_EVENTS = {
@@ -182,9 +183,14 @@ class SmtpSession(asyncio.Protocol):
         header, used = parsed
         rest = bytes(buf[used:])
         self._proxy_buf = None
+        self.proxy = self.peer[0]
         if header.command == "PROXY" and header.source is not None:
-            self.proxy = self.peer[0]
             self.client = (_clean(header.source[0]), header.source[1])
+        else:
+            # PROXY UNKNOWN, a v2 LOCAL (the proxy's own health check) or a family without
+            # addresses: the client is not known, and must not inherit the proxy's own address
+            # (a relay list that covers the proxy would let any such client relay).
+            self.client = (UNKNOWN_CLIENT, 0)
         self._begin()
         if rest and self.core is not None and not self.core.closed:
             # A client must wait for the greeting; bytes sent before it are a protocol error.
