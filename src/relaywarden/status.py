@@ -325,3 +325,46 @@ def expired(days: float) -> Reply:
 
 def null_mx(domain: str) -> Reply:
     return Reply(556, "5.1.10", f"{domain} does not accept mail (null MX)")
+
+
+# --- next hops and local delivery (the queue runner's own results) ---------------------------
+
+def domain_not_found(domain: str) -> Reply:
+    return Reply(550, "5.1.2", f"{domain}: domain does not exist (NXDOMAIN)")
+
+
+def no_mail_host(domain: str) -> Reply:
+    return Reply(550, "5.4.4", f"{domain} has no MX and no address records: it cannot receive mail")
+
+
+def dns_failure(name: str) -> Reply:
+    return Reply(451, "4.4.3", f"DNS look-up of {name} failed, will try again later")
+
+
+def no_usable_mx(domain: str) -> Reply:
+    return Reply(451, "4.4.4", f"no MX host of {domain} has an address, will try again later")
+
+
+def bad_literal(text: str) -> Reply:
+    return Reply(550, "5.1.2", f"{text} is not a valid address literal")
+
+
+def misconfigured(route: str) -> Reply:
+    return Reply(451, "4.3.5", f"route {route} is not usable as configured, will try again later")
+
+
+def smarthost_dns_failure(route: str) -> Reply:
+    return Reply(451, "4.4.3", f"DNS look-up of the smarthosts of route {route} failed, "
+                 "will try again later")
+
+
+def no_smarthost_address(route: str) -> Reply:
+    return Reply(451, "4.4.4", f"no smarthost of route {route} has an address, will try again later")
+
+
+def mailbox_full() -> Reply:
+    return Reply(452, "4.2.2", "Mailbox full (quota exceeded), try again later")
+
+
+def local_delivery_failed() -> Reply:
+    return queue_error().with_text("Local mailbox delivery failed, will try again later")

@@ -57,12 +57,8 @@ class MaildirError(Exception):
         return self.reply.is_permanent
 
 
-def mailbox_full() -> Reply:
-    return Reply(452, "4.2.2", "Mailbox full (quota exceeded), try again later")
 
 
-def local_delivery_failed() -> Reply:
-    return status.queue_error().with_text("Local mailbox delivery failed, will try again later")
 
 
 def safe_component(text: str) -> str:
@@ -203,8 +199,8 @@ def _reply_for(exc: OSError) -> Reply:
     if exc.errno == errno.ENOSPC:
         return status.storage_full()
     if exc.errno == errno.EDQUOT:
-        return mailbox_full()
-    return local_delivery_failed()
+        return status.mailbox_full()
+    return status.local_delivery_failed()
 
 
 def _strerror(exc: OSError) -> str:

@@ -83,26 +83,15 @@ class NextHopError(Exception):
         return self.reply.is_permanent
 
 
-# --- replies (candidates for relaywarden.status) ----------------------------------------------
-
-def domain_not_found(domain: str) -> Reply:
-    return Reply(550, "5.1.2", f"{domain}: domain does not exist (NXDOMAIN)")
 
 
-def no_mail_host(domain: str) -> Reply:
-    return Reply(550, "5.4.4", f"{domain} has no MX and no address records: it cannot receive mail")
 
 
-def dns_failure(name: str) -> Reply:
-    return Reply(451, "4.4.3", f"DNS look-up of {name} failed, will try again later")
 
 
-def no_usable_mx(domain: str) -> Reply:
-    return Reply(451, "4.4.4", f"no MX host of {domain} has an address, will try again later")
 
 
-def bad_literal(text: str) -> Reply:
-    return Reply(550, "5.1.2", f"{text} is not a valid address literal")
+
 
 
 # --- address look-ups ------------------------------------------------------------------------
@@ -183,7 +172,7 @@ def literal_address(domain: str) -> str | None:
         else:
             ip = ipaddress.IPv4Address(inner)
     except ValueError:
-        raise NextHopError(bad_literal(domain), domain,
+        raise NextHopError(status.bad_literal(domain), domain,
                            f"{domain} is neither [IPv4] nor [IPv6:address] (RFC 5321 4.1.3)") from None
     return str(ip)
 
@@ -196,7 +185,7 @@ def ascii_domain(domain: str) -> str:
     except idna.IDNAError:
         if text.isascii() and text:
             return text
-        raise NextHopError(domain_not_found(domain), domain,
+        raise NextHopError(status.domain_not_found(domain), domain,
                            f"{domain!r} is not a valid domain name") from None
 
 
@@ -215,9 +204,9 @@ async def next_hops(resolver: dns.asyncresolver.Resolver, domain: str, *,
     except dns.resolver.NoAnswer:
         return await _implicit_mx(resolver, name)
     except dns.resolver.NXDOMAIN:
-        raise NextHopError(domain_not_found(name), name, f"{name} does not exist (NXDOMAIN)") from None
+        raise NextHopError(status.domain_not_found(name), name, f"{name} does not exist (NXDOMAIN)") from None
     except dns.exception.DNSException as exc:
-        raise NextHopError(dns_failure(name), name, f"MX look-up of {name} failed: "
+        raise NextHopError(status.dns_failure(name), name, f"MX look-up of {name} failed: "
                            f"{_describe(exc)}") from None
     records = [(r.preference, r.exchange) for r in answer]
     if all(exchange == dns.name.root for _, exchange in records):
@@ -231,10 +220,10 @@ async def _implicit_mx(resolver: dns.asyncresolver.Resolver, name: str) -> list[
     if found.addresses:
         return [Hop(0, name, found.addresses)]
     if found.temporary:
-        raise NextHopError(dns_failure(name), name, found.detail)
+        raise NextHopError(status.dns_failure(name), name, found.detail)
     if found.outcome is LookupOutcome.NXDOMAIN:
-        raise NextHopError(domain_not_found(name), name, found.detail)
-    raise NextHopError(no_mail_host(name), name,
+        raise NextHopError(status.domain_not_found(name), name, found.detail)
+    raise NextHopError(status.no_mail_host(name), name,
                        f"{name} has no MX record and no A or AAAA record (RFC 5321 5.1)")
 
 
@@ -249,8 +238,8 @@ async def _mx_hops(resolver: dns.asyncresolver.Resolver, domain: str,
         return hops
     skipped = "; ".join(found.detail for found in lookups) or "every MX record is '.'"
     if any(found.temporary for found in lookups):
-        raise NextHopError(dns_failure(domain), domain, f"no usable MX host for {domain}: {skipped}")
-    raise NextHopError(no_usable_mx(domain), domain, f"no MX host of {domain} has an address "
+        raise NextHopError(status.dns_failure(domain), domain, f"no usable MX host for {domain}: {skipped}")
+    raise NextHopError(status.no_usable_mx(domain), domain, f"no MX host of {domain} has an address "
                        f"(an MX must name a host with A or AAAA records, not an alias): {skipped}")
 
 

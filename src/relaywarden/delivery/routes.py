@@ -26,6 +26,7 @@ import dns.asyncresolver
 from ..config.loader import LoadedConfig
 from ..config.schema import Route, RouteKind, RouteTls
 from ..policy.relay import route_for
+from .. import status
 from ..status import Reply
 from .mx import SMTP_PORT, Hop, HostAddresses, NextHopError, ascii_domain, host_addresses, next_hops
 
@@ -152,17 +153,10 @@ def _is_address(host: str) -> bool:
     return True
 
 
-def misconfigured(route: str) -> Reply:
-    return Reply(451, "4.3.5", f"route {route} is not usable as configured, will try again later")
 
 
-def smarthost_dns_failure(route: str) -> Reply:
-    return Reply(451, "4.4.3", f"DNS look-up of the smarthosts of route {route} failed, "
-                 "will try again later")
 
 
-def no_smarthost_address(route: str) -> Reply:
-    return Reply(451, "4.4.4", f"no smarthost of route {route} has an address, will try again later")
 
 
 async def hops_for(choice: RouteChoice, domain: str, resolver: dns.asyncresolver.Resolver, *,
@@ -203,7 +197,7 @@ async def _smarthost_hops(route: Route, domain: str,
 def _no_hop_reply(route: str, parsed: list[tuple[int, str, int]],
                   found: dict[str, HostAddresses]) -> Reply:
     if not parsed:
-        return misconfigured(route)
+        return status.misconfigured(route)
     if any(lookup.temporary for lookup in found.values()):
-        return smarthost_dns_failure(route)
-    return no_smarthost_address(route)
+        return status.smarthost_dns_failure(route)
+    return status.no_smarthost_address(route)
