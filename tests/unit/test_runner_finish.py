@@ -83,3 +83,32 @@ def test_a_message_changed_by_an_operator_meanwhile_is_left_alone(tmp_path):
         asyncio.run(run())
         assert q.count() == 0                                # no NDR for a message the operator removed
         assert 3002 in [e for e, _ in events]
+
+
+def test_a_leased_message_is_neither_offered_again_nor_deleted_nor_bounced(tmp_path):
+    """While the runner delivers a message (its lease), `due` skips it and the operator's delete
+    and bounce leave it alone; after the lease is released both work again."""
+    with SqliteQueue(tmp_path / "queue.sqlite") as q:
+        qid = q.submit(_message("alice@example.test")).result()
+        now = time.time()
+        assert q.lease_later(qid, now + 60, now).result()
+        assert not q.lease_later(qid, now + 60, now).result()           # one deliverer at a time
+        assert q.due(now + 10, 10) == []
+        assert q.delete_many([qid]) == 0
+        [rid] = [r.id for r in q.recipients(qid)]
+        assert q.replace_many([(qid, (rid,), None)]) == [None]          # `queue bounce` skips it
+        assert q.get(qid) is not None
+        q.release_later(qid).result()
+        assert [m for m, _ in q.due(now + 10, 10)] == [qid]
+        assert q.delete_many([qid]) == 1
+
+
+def test_a_held_message_cannot_be_leased_and_a_dead_runners_leases_are_void(tmp_path):
+    with SqliteQueue(tmp_path / "queue.sqlite") as q:
+        held, other = q.submit(_message()).result(), q.submit(_message()).result()
+        q.hold_many([held], True)
+        now = time.time()
+        assert not q.lease_later(held, now + 60, now).result()
+        assert q.lease_later(other, now + 3600, now).result()
+        assert q.release_all_leases() == 1                              # at the runner's start
+        assert q.lease_later(other, now + 60, now).result()

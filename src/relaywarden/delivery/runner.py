@@ -71,12 +71,15 @@ class QueueRunner:
         self._in_flight: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
+        # longer than any one delivery can take: every host of a route tried with its timeouts
+        self.lease_seconds = 4 * (self.cfg.connect_timeout + 2 * self.cfg.command_timeout + 600.0)
         self._stopping = False
         self._main: asyncio.Task | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.queue.release_all_leases()        # a previous run that died left its leases behind
         self._main = asyncio.ensure_future(self._loop())
 
     def wake(self) -> None:
@@ -158,9 +161,22 @@ class QueueRunner:
         return message, self.queue.message_data(queue_id)
 
     async def _deliver_message(self, queue_id: str) -> None:
+        now = time.time()
+        # The lease: operators' delete and bounce leave the message alone while it is delivered.
+        if not await asyncio.wrap_future(self.queue.lease_later(queue_id, now + self.lease_seconds, now)):
+            return                              # held, gone, or leased
+        removed = False
+        try:
+            removed = await self._deliver_leased(queue_id)
+        finally:
+            if not removed:     # still queued (deferred, or an error): offered again later
+                await asyncio.wrap_future(self.queue.release_later(queue_id))
+
+    async def _deliver_leased(self, queue_id: str) -> bool:
+        """Deliver what is due of a leased message; True when the message left the queue."""
         message, data = await asyncio.to_thread(self._load, queue_id)
         if message is None or message.hold or data is None:
-            return
+            return message is None
         now = time.time()
         due = [r for r in message.recipients
                if r.state in ("pending", "deferred") and (r.next_attempt_at or 0) <= now]
@@ -175,12 +191,13 @@ class QueueRunner:
                                               for g in self._groups(message, due)))
             pairs = [p for o in outcomes for p in o[0]]
             successes = [(o[1], o[2]) for o in outcomes if o[1] is not None and o[2]]
-        await self._finish(message, data, pairs, successes)
+        return await self._finish(message, data, pairs, successes)
 
     async def _finish(self, message: QueuedMessage, data: bytes,
                       pairs: list[tuple[QueuedRecipient, DeliveryResult]],
-                      successes: list[tuple[str, list[QueuedRecipient]]]) -> None:
-        """Record what happened and what follows from it, in as few queue writes as it allows.
+                      successes: list[tuple[str, list[QueuedRecipient]]]) -> bool:
+        """Record what happened and what follows from it, in as few queue writes as it allows;
+        True when the message left the queue.
 
         When every recipient of the message is now delivered, one write removes the message
         (the per-recipient results would be deleted with it); otherwise each result is recorded,
@@ -203,16 +220,16 @@ class QueueRunner:
         # undo it, and the message is then delivered again, never lost (like Postfix's unlink).
         if all(r.state == "delivered" for r in after):
             await asyncio.wrap_future(self.queue.delete_later(message.id, durable=False))
-            return
+            return True
         if all(r.state in ("delivered", "failed") for r in after):
-            await self._bounce_and_remove(message, data, after, outcome, now)
-            return
+            return await self._bounce_and_remove(message, data, after, outcome, now)
         await self._record(message, outcome, now)
         if self.cfg.delay_warning is not None and now - message.received_at >= self.cfg.delay_warning:
             delayed = [r for r in after if r.state == "deferred" and not r.delay_warned]
             if delayed:
                 await self._send_notice(message, data, [], delayed, "delayed", now)
                 await asyncio.wrap_future(self.queue.mark_delay_warned(message.id, [r.id for r in delayed]))
+        return False
 
     def _groups(self, message: QueuedMessage, due: list[QueuedRecipient]) -> list[_Group]:
         local: list[QueuedRecipient] = []
@@ -359,7 +376,7 @@ class QueueRunner:
             for rid, (result, next_at) in outcome.items()))
 
     async def _bounce_and_remove(self, message: QueuedMessage, data: bytes, after: list[QueuedRecipient],
-                                 outcome: dict[int, tuple[DeliveryResult, float | None]], now: float) -> None:
+                                 outcome: dict[int, tuple[DeliveryResult, float | None]], now: float) -> bool:
         """Every recipient is final and some failed: the NDR is queued and the message removed in
         one transaction, so a failure in between can neither lose the NDR nor leave a message
         that nothing will ever pick up again."""
@@ -378,15 +395,16 @@ class QueueRunner:
             self.emit(EventId.QUEUE_ERROR, message_id=message.id, text=(
                 f"the NDR for {message.id} could not be queued ({exc}); its failed recipients are kept and "
                 f"retried at {time.strftime('%H:%M:%S', time.gmtime(retry))} UTC"), operation="bounce", error=str(exc))
-            return
+            return False
         if notice_id is None:
             self.emit(EventId.QUEUE_ERROR, message_id=message.id, text=(
                 f"{message.id} changed in the queue while it was being delivered (an operator's hold, "
                 "delete, retry or bounce?); its results were not recorded"), operation="finish", error="changed")
-            return
+            return False
         if notice is not None:
             log_notice(self.emit, notice, notice_id)
             self.wake()
+        return True
 
     async def _send_notice(self, message: QueuedMessage, data: bytes, failed, delayed, action: str, now: float,
                            *, succeeded=()) -> None:

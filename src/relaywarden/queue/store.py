@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS message (
     dsn_envid      TEXT,
     session_id     TEXT NOT NULL,
     hold           INTEGER NOT NULL DEFAULT 0 CHECK (hold IN (0, 1)),
+    lease_until    REAL,                  -- a delivery is in progress until then (the runner's lease)
     size           INTEGER NOT NULL,
     data           BLOB NOT NULL          -- last, so listing never reads the body's pages
 );
@@ -231,6 +232,9 @@ class SqliteQueue(QueueBackend):
             if max_pages is not None:
                 conn.execute(f"PRAGMA max_page_count = {int(max_pages)}")
             conn.executescript("BEGIN IMMEDIATE;" + SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(message)")}
+            if "lease_until" not in columns:      # a queue made before leases existed
+                conn.execute("ALTER TABLE message ADD COLUMN lease_until REAL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -415,6 +419,24 @@ class SqliteQueue(QueueBackend):
         sql = "DELETE FROM message WHERE id = ?"
         return self._enqueue(_Write(lambda c: c.execute(sql, (queue_id,)).rowcount, durable=durable))
 
+    def lease_later(self, queue_id: str, until: float, now: float) -> concurrent.futures.Future[bool]:
+        """Take the delivery lease of a message that is not held and not leased (or whose lease
+        ran out); the future says whether it was taken. Operators' delete and bounce leave a
+        leased message alone, and ``due`` does not offer it, until the lease is released."""
+        sql = ("UPDATE message SET lease_until = ? WHERE id = ? AND hold = 0"
+               " AND (lease_until IS NULL OR lease_until <= ?)")
+        return self._enqueue(_Write(lambda c: c.execute(sql, (until, queue_id, now)).rowcount == 1,
+                                    durable=False))
+
+    def release_later(self, queue_id: str) -> concurrent.futures.Future[int]:
+        sql = "UPDATE message SET lease_until = NULL WHERE id = ?"
+        return self._enqueue(_Write(lambda c: c.execute(sql, (queue_id,)).rowcount, durable=False))
+
+    def release_all_leases(self) -> int:
+        """At the runner's start: leases of a previous run that died are void."""
+        sql = "UPDATE message SET lease_until = NULL WHERE lease_until IS NOT NULL"
+        return int(self._wait(_Write(lambda c: c.execute(sql).rowcount)))
+
     def hold_many(self, queue_ids: Sequence[str], hold: bool) -> int:
         """Hold (or release) these messages in one write; returns how many changed state."""
         ids = list(queue_ids)
@@ -423,10 +445,11 @@ class SqliteQueue(QueueBackend):
             lambda c: sum(c.execute(sql, (int(hold), qid, int(hold))).rowcount for qid in ids))))
 
     def delete_many(self, queue_ids: Sequence[str]) -> int:
-        """Delete these messages (and their recipients) in one write; returns how many existed."""
+        """Delete these messages (and their recipients) in one write; returns how many were
+        deleted. A message being delivered right now (leased) is left alone."""
         ids = list(queue_ids)
-        sql = "DELETE FROM message WHERE id = ?"
-        return int(self._wait(_Write(lambda c: sum(c.execute(sql, (qid,)).rowcount for qid in ids))))
+        sql = "DELETE FROM message WHERE id = ? AND (lease_until IS NULL OR lease_until <= ?)"
+        return int(self._wait(_Write(lambda c: sum(c.execute(sql, (qid, time.time())).rowcount for qid in ids))))
 
     def retry_many(self, queue_ids: Sequence[str], now: float) -> tuple[int, int]:
         """Make every pending or deferred recipient of these messages due at ``now`` (the
@@ -458,7 +481,7 @@ class SqliteQueue(QueueBackend):
         """One ``replace_many`` item without waiting: queue ``notice`` (if any) and delete the
         message in one transaction, when exactly ``expected`` recipients are still to deliver."""
         item = (queue_id, tuple(sorted(expected)), notice, self._new_id() if notice else "")
-        return self._enqueue(_Write(lambda c: _replace(c, *item)))
+        return self._enqueue(_Write(lambda c: _replace(c, *item, leased_ok=True)))   # the runner holds the lease
 
     def set_max_pages(self, pages: int) -> int:
         """Change the size limit in database pages (the "disk" of a test); returns the limit
@@ -518,9 +541,9 @@ class SqliteQueue(QueueBackend):
                     "SELECT r.message_id, min(r.next_attempt_at) AS first_due"
                     " FROM recipient r JOIN message m ON m.id = r.message_id"
                     " WHERE r.state IN ('pending', 'deferred') AND r.next_attempt_at <= ?"
-                    "   AND m.hold = 0"
+                    "   AND m.hold = 0 AND (m.lease_until IS NULL OR m.lease_until <= ?)"
                     " GROUP BY r.message_id ORDER BY first_due, r.message_id LIMIT ?",
-                    (now, limit),
+                    (now, now, limit),
                 )
             ]
             return [
@@ -737,7 +760,10 @@ def _register_functions(conn: sqlite3.Connection) -> None:
 
 
 def _replace(conn: sqlite3.Connection, queue_id: str, expected: tuple[int, ...],
-             notice: MessageIn | None, notice_id: str) -> str | None:
+             notice: MessageIn | None, notice_id: str, *, leased_ok: bool = False) -> str | None:
+    if not leased_ok and conn.execute("SELECT 1 FROM message WHERE id = ? AND lease_until > ?",
+                                      (queue_id, time.time())).fetchone():
+        return None                         # being delivered right now: not the operator's to replace
     rows = conn.execute("SELECT id FROM recipient WHERE message_id = ? AND state IN"
                         " ('pending', 'deferred') ORDER BY id", (queue_id,)).fetchall()
     if not rows or tuple(r[0] for r in rows) != expected:
