@@ -498,6 +498,23 @@ def test_scenario_6_proxy_with_proxy_protocol_is_ok(start_server):
     assert code == 0 and [f["level"] for f in findings] == ["ok"], findings
 
 
+def test_scenario_6_clients_dialling_an_address_not_in_public_addresses_warn(start_server):
+    """The PROXY header names the address the client dialled; here the Internet reaches the proxy
+    at 203.0.113.80 while the configuration still says 192.0.2.25 (an address that moved)."""
+    srv = start_server(BEHIND_PROXY.replace("PROXY", "true", 1).replace("PROXY_FROM", "127.0.0.1"))
+    for i in range(3):
+        header = build_v1((f"198.51.100.{i + 1}", 40000 + i), ("203.0.113.80", 25))
+        assert send(srv.ports["mx"], "alice@example.test", proxy=header).startswith("250")
+    wait_events(srv, 1109, 3)
+    code, findings = doctor(srv, "scenarios.6")
+    assert code == 1
+    (warn,) = findings
+    assert warn["check"] == "scenarios.6.public-address" and "203.0.113.80" in warn["title"]
+    line = line_of(srv.config_path, 'public_addresses = ["192.0.2.25"]')
+    assert warn["where"] == f"{srv.config_path}:{line}"
+    assert "set public_addresses of listener mx" in warn["fix"]
+
+
 PUBLISHED = """
 [server]
 hostname = "mx.example.test"

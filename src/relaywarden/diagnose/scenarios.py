@@ -373,7 +373,7 @@ def _proxy_findings(ctx: Context, index: int, listener: Listener, sessions: list
              f"{list(listener.proxy_from)}"),
             fix, pp_where))
     if listener.proxy_protocol:
-        return findings
+        return findings + _dialled_findings(ctx, index, listener, sessions)
     mine = [e for e in sessions if e.get("listener") == name]
     clients = Counter(str(e.get("client")) for e in mine)
     if len(mine) >= MIN_SESSIONS_BEHIND_PROXY and len(clients) == 1:
@@ -394,6 +394,29 @@ def _proxy_findings(ctx: Context, index: int, listener: Listener, sessions: list
                 "then relay lists, connection lists and block lists see the proxy, not the client",
                 pp_where))
     return findings
+
+
+def _dialled_findings(ctx: Context, index: int, listener, sessions: list[dict]) -> list[Finding]:
+    """Behind a proxy, the PROXY header says which address the client dialled: one that is not
+    among the listener's public_addresses means the published address changed (or was never
+    written down), and the MX and block list checks look at the wrong one."""
+    dialled = Counter(str(e["fields"]["proxy_destination"]) for e in sessions
+                      if e.get("listener") == listener.name and e.get("fields", {}).get("proxy_destination"))
+    unknown = {a: n for a, n in dialled.items() if a not in listener.public_addresses}
+    if not unknown:
+        return []
+    where = _where(ctx, "listener", index, "public_addresses")
+    busiest = max(unknown, key=unknown.get)
+    return [Finding(
+        "scenarios.6.public-address", Level.WARN,
+        f"clients reach listener {listener.name} through {', '.join(sorted(unknown))}, which is not "
+        "among its public_addresses", SCENARIO[6],
+        tuple(f"{_n(n, 'session')} in {_window(ctx)} dialled {a} (PROXY header, event 1109)"
+              for a, n in sorted(unknown.items()))
+        + (f"public_addresses = {list(listener.public_addresses)} ({where})",),
+        f"if {busiest} is the address the Internet uses now, set public_addresses of listener "
+        f"{listener.name} to it ({where}) and check that the MX records point there "
+        "(relaywarden doctor --check dns.mx)", where)]
 
 
 def _published_findings(ctx: Context, wrong: list[dict]) -> list[Finding]:

@@ -51,6 +51,7 @@ class SmtpSession(asyncio.Protocol):
         self.peer = ("", 0)
         self.client = ("", 0)
         self.proxy: str | None = None
+        self.proxy_destination: str | None = None
         self.rdns: str | None = None
         self.tls_info: str | None = None
         self.deadline = 0.0
@@ -184,6 +185,8 @@ class SmtpSession(asyncio.Protocol):
         rest = bytes(buf[used:])
         self._proxy_buf = None
         self.proxy = self.peer[0]
+        if header.destination is not None:
+            self.proxy_destination = _clean(header.destination[0])   # the address the client dialled
         if header.command == "PROXY" and header.source is not None:
             self.client = (_clean(header.source[0]), header.source[1])
         else:
@@ -224,7 +227,8 @@ class SmtpSession(asyncio.Protocol):
                                     last_refusal=self.last_refusal, messages=self.core.messages)
         self.server.emit(EventId.SESSION_SUMMARY, self, text=text, accepted=self.accepted,
                          refused=self.refused, messages=self.core.messages,
-                         last_refusal=self.last_refusal, helo=self.core.helo, worker=self.server.worker)
+                         last_refusal=self.last_refusal, helo=self.core.helo, worker=self.server.worker,
+                         proxy=self.proxy, proxy_destination=self.proxy_destination)
 
     def expire(self) -> None:
         if self.core is not None and not self.core.closed and not self.core.waiting:
