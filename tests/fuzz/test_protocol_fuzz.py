@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import re
 
-import pytest
 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st

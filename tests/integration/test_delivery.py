@@ -7,7 +7,6 @@ from __future__ import annotations
 import email
 import smtplib
 import time
-from pathlib import Path
 
 import pytest
 

@@ -323,7 +323,7 @@ def test_mx_pointing_elsewhere_or_at_refusing_listeners_fails(tmp_path, nsd_port
     assert "anonymous = false" in " ".join(tosub["evidence"])
     anonymous_line = _line_of(config, "anonymous = false")
     assert tosub["where"].endswith(f":{anonymous_line}")
-    assert f"set anonymous = true on it (" in tosub["fix"] and f":{anonymous_line})" in tosub["fix"]
+    assert "set anonymous = true on it (" in tosub["fix"] and f":{anonymous_line})" in tosub["fix"]
 
     [implicit] = _by_check(report, "dns.mx.implicit")
     assert implicit["level"] == "warn"
@@ -374,7 +374,7 @@ def test_reverse_dns_missing_unconfirmed_and_other_name(tmp_path, nsd_port):
     hostname_line = _line_of(config, "hostname")
     assert other["title"] == "the reverse DNS name of 192.0.2.27 (smtp.mail.test) is not the EHLO name mx.mail.test"
     assert other["where"].endswith(f":{hostname_line}")
-    assert other["fix"].startswith(f'set hostname = "smtp.mail.test" (')
+    assert other["fix"].startswith('set hostname = "smtp.mail.test" (')
     assert "27.2.0.192.in-addr.arpa. IN PTR mx.mail.test." in other["fix"]
 
     assert missing["title"] == "192.0.2.28 has no reverse DNS (PTR) record"

@@ -5,9 +5,7 @@ Thin: each command loads what it needs and calls the modules that do the work.
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import sys
 from pathlib import Path
 

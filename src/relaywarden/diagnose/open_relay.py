@@ -198,7 +198,7 @@ def _battery_finding(name: str, target: str, where: str, results: list[AttemptOu
             f"with 4xx and {len(errors)} failed to run", SECTION_OPEN_RELAY,
             tuple(_attempt_line(r) for r in deferred + errors),
             "a relay tester counts a 4xx as a maybe: look at the replies above; rerun with "
-            f"`relaywarden doctor --check open-relay.live`", where)
+            "`relaywarden doctor --check open-relay.live`", where)
     return Finding(
         "open-relay.live", Level.OK,
         f"listener {name} ({target}) refused all {refused} unauthenticated relay attempts",

@@ -465,7 +465,6 @@ def build_ndr(
     human.set_content(text, disposition="inline", cte="7bit" if text.isascii() else "quoted-printable")
     human["Content-Description"] = "Notification"
 
-    status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
     fields = _status_fields(
         reporting_mta=reporting_mta, message=message, arrival=arrival, reports=reports,
         will_retry_until=will_retry_until, ascii_only=not utf8,

@@ -185,7 +185,6 @@ class SmtpServer:
         self._bdat_open = False                  # a BDAT chunk was taken in this transaction
         self._bdat_skip: tuple[Reply, State] | None = None   # refused BDAT: reply and state to go back to
         self._chunks = bytearray()
-        self._pending_path: Path | None = None
 
     @property
     def state(self) -> State:
@@ -250,8 +249,6 @@ class SmtpServer:
 
     def mail_result(self, refusal: Reply | None) -> None:
         self._answered(MailRequest)
-        path = self._pending_path
-        self._pending_path = None
         if refusal is not None:
             self._error(refusal)
             self.envelope = None
@@ -602,7 +599,6 @@ class SmtpServer:
             return
         self.envelope = env
         self._reset_chunks()
-        self._pending_path = path
         self._wait(MailRequest(path), State.READY)
 
     def _mail_params(self, params: dict[str, str | None], env: Envelope) -> Reply | None:

@@ -20,7 +20,7 @@ from ..policy.relay import SessionFacts, decide_connection, decide_mail, decide_
 from ..protocol import server as core
 from ..protocol.proxy import MAX_HEADER_BYTES, ProxyError, parse_proxy_header
 from ..dns import confirmed_name
-from ..queue.model import QueueError, QueueFull
+from ..queue.model import QueueFull
 from ..users import verify_password
 from . import receive
 from .tls import describe
