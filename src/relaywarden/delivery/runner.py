@@ -29,7 +29,7 @@ from ..config.schema import Delivery
 from ..directory import Directory
 from ..dsn.notify import build_notice, log_notice
 from ..events import EventId
-from ..queue.model import DeliveryResult, QueuedMessage, QueuedRecipient
+from ..queue.model import DeliveryResult, MessageIn, QueuedMessage, QueuedRecipient
 from ..queue.store import SqliteQueue
 from .maildir import MaildirError, deliver_local
 from .mx import NextHopError
@@ -86,6 +86,25 @@ class QueueRunner:
         """New mail is in the queue: look now rather than at the next poll."""
         self._wake.set()
 
+    def offer(self, queue_id: str, recipient_ids: list[int], msg: MessageIn) -> None:
+        """A message this process has just committed: start on it at once, from memory (no
+        queue scan, no read back). When the runner is busy, the next poll finds it instead."""
+        if self._stopping or queue_id in self._in_flight or len(self._in_flight) >= self.cfg.max_concurrency * 4:
+            self.wake()
+            return
+        recipients = tuple(
+            QueuedRecipient(id=rid, address=r.address, original=r.original, orcpt=r.orcpt, notify=r.notify,
+                            verdict=r.verdict, route=r.route, decision_id=r.decision_id, state="pending",
+                            attempts=0, next_attempt_at=msg.received_at, last_attempt_at=None, last_result=None)
+            for rid, r in zip(recipient_ids, msg.recipients))
+        message = QueuedMessage(
+            id=queue_id, sender=msg.sender, recipients=recipients, received_at=msg.received_at,
+            listener=msg.listener, client_address=msg.client_address, client_port=msg.client_port,
+            helo=msg.helo, auth_user=msg.auth_user, tls=msg.tls, body_type=msg.body_type,
+            smtputf8=msg.smtputf8, dsn_ret=msg.dsn_ret, dsn_envid=msg.dsn_envid, session_id=msg.session_id,
+            size=len(msg.data), hold=False)
+        self._start(queue_id, (message, msg.data))
+
     async def close(self, grace: float = 10.0) -> None:
         self._stopping = True
         self._wake.set()
@@ -122,12 +141,15 @@ class QueueRunner:
         for queue_id, recipients in due:
             if queue_id in self._in_flight or not recipients:
                 continue
-            self._in_flight.add(queue_id)
-            task = asyncio.ensure_future(self._deliver_message(queue_id))
-            self._tasks.add(task)
-            task.add_done_callback(self._done(queue_id))
+            self._start(queue_id)
             started += 1
         return started
+
+    def _start(self, queue_id: str, preloaded: tuple[QueuedMessage, bytes] | None = None) -> None:
+        self._in_flight.add(queue_id)
+        task = asyncio.ensure_future(self._deliver_message(queue_id, preloaded))
+        self._tasks.add(task)
+        task.add_done_callback(self._done(queue_id))
 
     def _done(self, queue_id: str):
         def done(task: asyncio.Task) -> None:
@@ -160,21 +182,21 @@ class QueueRunner:
             return message, None
         return message, self.queue.message_data(queue_id)
 
-    async def _deliver_message(self, queue_id: str) -> None:
+    async def _deliver_message(self, queue_id: str, preloaded: tuple[QueuedMessage, bytes] | None = None) -> None:
         now = time.time()
         # The lease: operators' delete and bounce leave the message alone while it is delivered.
         if not await asyncio.wrap_future(self.queue.lease_later(queue_id, now + self.lease_seconds, now)):
             return                              # held, gone, or leased
         removed = False
         try:
-            removed = await self._deliver_leased(queue_id)
+            removed = await self._deliver_leased(queue_id, preloaded)
         finally:
             if not removed:     # still queued (deferred, or an error): offered again later
                 await asyncio.wrap_future(self.queue.release_later(queue_id))
 
-    async def _deliver_leased(self, queue_id: str) -> bool:
+    async def _deliver_leased(self, queue_id: str, preloaded: tuple[QueuedMessage, bytes] | None) -> bool:
         """Deliver what is due of a leased message; True when the message left the queue."""
-        message, data = await asyncio.to_thread(self._load, queue_id)
+        message, data = preloaded or await asyncio.to_thread(self._load, queue_id)
         if message is None or message.hold or data is None:
             return message is None
         now = time.time()

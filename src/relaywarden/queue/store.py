@@ -369,6 +369,17 @@ class SqliteQueue(QueueBackend):
         queue_id = self._new_id()
         return self._enqueue(_Write(lambda conn: _insert(conn, queue_id, msg), is_message=True))
 
+    def submit_with_ids(self, msg: MessageIn) -> concurrent.futures.Future[tuple[str, list[int]]]:
+        """Like submit; the future also gives the recipients' ids (in the message's order), so
+        that the queue runner can start on the message at once, without reading it back."""
+        queue_id = self._new_id()
+
+        def apply(conn: sqlite3.Connection) -> tuple[str, list[int]]:
+            _insert(conn, queue_id, msg)
+            rows = conn.execute("SELECT id FROM recipient WHERE message_id = ? ORDER BY position", (queue_id,))
+            return queue_id, [row[0] for row in rows]
+        return self._enqueue(_Write(apply, is_message=True))
+
     def record_attempt(
         self,
         queue_id: str,

@@ -405,7 +405,7 @@ class SmtpSession(asyncio.Protocol):
             client_port=self.client[1], helo=c.helo or "", auth_user=c.auth_user, tls=self.tls_info,
             session_id=self.id)
         try:
-            fut = srv.queue.submit(msg)
+            fut = srv.queue.submit_with_ids(msg) if srv.runner is not None else srv.queue.submit(msg)
         except Exception as exc:
             self._queued(None, exc, msg)
             return
@@ -419,12 +419,12 @@ class SmtpSession(asyncio.Protocol):
             exc = fut.exception()
         open_ = self.core is not None and not self.core.closed
         if exc is None:
-            qid = fut.result()
+            qid, recipient_ids = fut.result() if self.server.runner is not None else (fut.result(), None)
             if open_:
                 self.core.message_result(status.queued(qid))
             self.server.metrics["queued"] += 1
             if self.server.runner is not None:
-                self.server.runner.wake()
+                self.server.runner.offer(qid, recipient_ids, msg)   # delivery starts now, from memory
             self.server.emit(EventId.MESSAGE_QUEUED, self, message_id=qid, text=(
                 f"queued {qid} from <{msg.sender}> for {len(msg.recipients)} recipient(s), {len(msg.data)} octets"
                 + ("" if open_ else "; the client left before the 250")),
