@@ -85,8 +85,48 @@ class ListenerRuntime:
         return [s.getsockname()[:2] for s in self.aio_server.sockets]
 
 
+class Doorbell:
+    """How accepting workers tell the delivery process that new mail is queued: a datagram on a
+    UNIX socket in the data directory. Best effort: a lost ring only delays delivery to the next
+    ``delivery.poll_interval``."""
+
+    def __init__(self, data_dir: Path, listen=None):
+        import socket as socketlib
+
+        self.path = str(Path(data_dir) / "delivery.sock")
+        self.sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.listening = listen is not None
+        if self.listening:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.sock.bind(self.path)
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._drain, listen)
+
+    def _drain(self, listen) -> None:
+        try:
+            while self.sock.recv(64):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        listen()
+
+    def ring(self) -> None:
+        try:
+            self.sock.sendto(b"1", self.path)
+        except OSError:
+            pass        # no delivery process yet, or its socket is full: the poll will find the mail
+
+    def close(self) -> None:
+        if self.listening:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
 class Server:
-    def __init__(self, loaded: LoadedConfig, data_dir: Path, *, echo=None, worker: int = 0):
+    def __init__(self, loaded: LoadedConfig, data_dir: Path, *, echo=None, worker: int = 0, role: str = "all"):
         self.loaded = loaded
         self.config = loaded.config
         self.hostname = self.config.server.hostname
@@ -104,8 +144,12 @@ class Server:
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self.runner = None          # the delivery QueueRunner, when delivery is enabled
-        self.worker = worker        # index of this process among server.workers; 0 delivers
+        self.worker = worker        # index of this process among server.workers
         self.workers = self.config.server.workers
+        # "all": one process does everything; with several workers, "accept" processes listen
+        # and a "deliver" process runs the queue runner on a core of its own
+        self.role = role
+        self.doorbell: Doorbell | None = None
         self.resolver = make_resolver(self.config.dns)
 
     # --- events --------------------------------------------------------------------------------
@@ -153,7 +197,7 @@ class Server:
         self.refresh_directory()
         loop = asyncio.get_running_loop()
         cert_key = None
-        for lc in self.config.listener:
+        for lc in (self.config.listener if self.role != "deliver" else []):
             ctx = None
             if lc.tls != TlsMode.NONE:
                 if lc.certificate:
@@ -183,13 +227,17 @@ class Server:
             + (f"; worker {self.worker + 1} of {self.workers}" if self.workers > 1 else "")),
             config=self.loaded.file, data_dir=str(self.data_dir), pid=os.getpid(), worker=self.worker)
         self._tasks.append(asyncio.ensure_future(self._housekeeping()))
-        if self.config.delivery.enabled and self.worker == 0:
+        if self.role == "accept" and self.config.delivery.enabled:
+            self.doorbell = Doorbell(self.data_dir)
+        if self.config.delivery.enabled and self.role in ("all", "deliver"):
             from ..delivery.runner import QueueRunner
 
             self.runner = QueueRunner(loaded=self.loaded, queue=self.queue, directory=lambda: self.directory,
                                       emit=self.emit, resolver=self.resolver,
                                       data_dir=self.data_dir, hostname=self.hostname)
             self.runner.start()
+            if self.role == "deliver":
+                self.doorbell = Doorbell(self.data_dir, listen=self.runner.wake)
 
     def _new_session(self, rt: ListenerRuntime) -> SmtpSession:
         self.refresh_directory()
@@ -233,6 +281,8 @@ class Server:
                 if s.transport is not None:
                     s.transport.close()
         await asyncio.sleep(0)
+        if self.doorbell is not None:
+            self.doorbell.close()
         if self.runner is not None:
             await self.runner.close(grace)
         if self.queue is not None:
@@ -290,15 +340,15 @@ def _lock_data_dir(data_dir: Path):
     return handle
 
 
-def _serve(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, worker: int) -> int:
+def _serve(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, worker: int, role: str = "all") -> int:
     def echo(record: dict) -> None:
         # errors, and warnings about the server itself (open relay, configuration); not per-session noise
         if record.get("severity") == "error" or (record.get("severity") == "warning" and record["id"] < 1100):
-            if worker == 0:
+            if worker == 0 and role != "deliver":
                 print(f"{record['time']} {record['id']} {record['name']}: {record['text']}", file=out, flush=True)
 
     async def main() -> int:
-        server = Server(loaded, data_dir, echo=echo, worker=worker)
+        server = Server(loaded, data_dir, echo=echo, worker=worker, role=role)
         try:
             await server.start()
         except StartError as exc:
@@ -308,10 +358,10 @@ def _serve(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        if worker == 0:
+        if worker == 0 and role != "deliver":
             _banner(server, loaded, loop_name, out)
         await stop.wait()
-        if worker == 0:
+        if worker == 0 and role != "deliver":
             print("relaywarden: stopping", file=out, flush=True)
         await server.stop()
         return 0
@@ -335,8 +385,8 @@ def _banner(server: Server, loaded: LoadedConfig, loop_name: str, out) -> None:
 
 def _supervise(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, workers: int) -> int:
     """Fork the workers, pass SIGTERM/SIGINT on to them, restart one that dies, stop all if one
-    cannot start.  Worker 0 also runs the queue runner; all share the listeners (SO_REUSEPORT),
-    the queue and the event log."""
+    cannot start.  ``workers`` processes accept (sharing the listeners with SO_REUSEPORT) and one
+    more runs the queue runner; all share the queue and the event log."""
     problems = check_startable(loaded)
     if problems and not loaded.config.server.allow_open_relay:
         # the same refusal as Server.start, before any process is forked
@@ -371,7 +421,8 @@ def _supervise(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, wor
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         code = 1
         try:
-            code = _serve(loaded, data_dir, out=out, loop_name=loop_name, worker=index)
+            role = "deliver" if index == workers else "accept"
+            code = _serve(loaded, data_dir, out=out, loop_name=loop_name, worker=index, role=role)
         finally:
             out.flush()
             os._exit(code)
@@ -391,8 +442,8 @@ def _supervise(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, wor
 
     signal.signal(signal.SIGTERM, forward)     # before the first fork: no window without it
     signal.signal(signal.SIGINT, forward)
-    for i in range(workers):
-        spawn(i)
+    for i in range(workers + (1 if loaded.config.delivery.enabled else 0)):
+        spawn(i)            # 0 .. workers-1 accept; index `workers` delivers
     exit_code = 0
     restarts: list[float] = []
     while children:
