@@ -121,6 +121,10 @@ def test_readme_serve_command_on_a_fresh_clone(clone: Path, tmp_path: Path) -> N
             assert proc.poll() is None, f"scripts/serve exited with {proc.returncode}:\n{output()}"
             assert time.monotonic() < deadline, f"not listening within {SETUP_TIMEOUT}s:\n{output()}"
             time.sleep(0.5)
+        # the banner follows the listening sockets by a moment (the queue is opened in between)
+        banner_deadline = time.monotonic() + 30
+        while "events " not in output() and time.monotonic() < banner_deadline:
+            time.sleep(0.2)
         text = output()
         assert "127.0.0.1:2525" in text and "127.0.0.1:2587" in text, text
         assert str(data.resolve()) in text, f"the data directory is not printed:\n{text}"
