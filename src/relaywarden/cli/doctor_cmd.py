@@ -34,7 +34,7 @@ def doctor_command_factory(config_option, data_dir_option, load):
     @config_option
     @data_dir_option
     @click.option("--offline", is_flag=True, help="Skip the checks that connect to the listeners or query DNS.")
-    @click.option("--check", "only", multiple=True, help="Run only the checks whose name starts with this (repeatable).")
+    @click.option("--check", "only", multiple=True, help="Run only this check or group, by dotted name: dns runs dns.mx and dns.rdns (repeatable).")
     @click.option("--timeout", default=10.0, show_default=True, help="Seconds per network operation.")
     @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
     def doctor(config_path, data_dir: Path, offline: bool, only: tuple[str, ...], timeout: float, as_json: bool) -> None:

@@ -30,10 +30,15 @@ def all_checks() -> list[tuple[str, Check]]:
     return checks
 
 
+def selected(name: str, only: set[str] | None) -> bool:
+    """``--check dns`` runs dns.mx and dns.rdns, not dnsbl: names match whole dotted parts."""
+    return not only or any(name == o or name.startswith(o.rstrip(".") + ".") for o in only)
+
+
 async def run_checks(ctx: Context, only: set[str] | None = None) -> list[Finding]:
     findings: list[Finding] = []
     for name, check in all_checks():
-        if only and not any(name == o or name.startswith(o + ".") or name.startswith(o) for o in only):
+        if not selected(name, only):
             continue
         try:
             findings.extend(await asyncio.wait_for(check(ctx), timeout=max(ctx.timeout * 6, 60)))
