@@ -64,13 +64,6 @@ class Directory:
         """The mailbox whose primary address is ``username`` (the AUTH identity)."""
         return self._entries.get(lookup_key(username))
 
-    def find_local_part(self, local: str, domains: Iterable[str]) -> MailboxEntry | None:
-        for d in domains:
-            hit = self.find(f"{local}@{d}")
-            if hit:
-                return hit
-        return None
-
     def __iter__(self) -> Iterator[MailboxEntry]:
         return iter(self._entries.values())
 

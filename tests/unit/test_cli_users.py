@@ -64,6 +64,6 @@ def test_user_lifecycle(tmp_path):
     assert Directory.build(load_default(), UserStore(tmp_path).records()).login("bob@example.test").enabled
 
 
-def test_unknown_user_costs_a_full_verification():
-    # verify_password(None, ...) runs argon2 against a dummy hash and is False
+def test_an_unknown_user_never_verifies():
+    # verify_password(None, ...) runs argon2 against a dummy hash (same cost) and is False
     assert verify_password(None, "anything") is False

@@ -164,16 +164,6 @@ class QueueRunner:
                 self._wake.set()   # a slot is free
         return done
 
-    async def drain(self, timeout: float = 30.0) -> None:
-        """Run until nothing is due or in flight (tests and `queue flush`)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            started = await self.run_once()
-            if self._tasks:
-                await asyncio.wait(self._tasks, timeout=max(0.0, deadline - time.monotonic()))
-            elif not started:
-                return
-
     # --- one message -----------------------------------------------------------------------------
 
     def _load(self, queue_id: str) -> tuple[QueuedMessage | None, bytes | None]:

@@ -17,7 +17,6 @@ import ssl
 import sys
 import time
 import traceback
-from collections import Counter
 from pathlib import Path
 
 from ..config.loader import LoadedConfig
@@ -134,7 +133,6 @@ class Server:
         self.echo = echo
         self.auth_failure_delay = self.config.server.auth_failure_delay
         self.listeners: list[ListenerRuntime] = []
-        self.metrics: Counter[str] = Counter()
         self.events: EventLog | None = None
         self.queue: SqliteQueue | None = None
         self.users = UserStore(self.data_dir)

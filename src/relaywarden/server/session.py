@@ -422,7 +422,6 @@ class SmtpSession(asyncio.Protocol):
             qid, recipient_ids = fut.result() if self.server.runner is not None else (fut.result(), None)
             if open_:
                 self.core.message_result(status.queued(qid))
-            self.server.metrics["queued"] += 1
             if self.server.runner is not None:
                 self.server.runner.offer(qid, recipient_ids, msg)   # delivery starts now, from memory
             elif self.server.doorbell is not None:
