@@ -85,6 +85,7 @@ def build_message(*, envelope, data: bytes, listener: str, client_address: str, 
             orcpt=rcpt.orcpt,
             notify=rcpt.notify,
             verdict=str(decision.verdict.value),
+            # the next hop: the route's name, or for local delivery the mailbox's primary address
             route=decision.route if decision.route is not None else decision.mailbox,
             decision_id=decision.id,
         ))
