@@ -458,9 +458,12 @@ def _safe_str(value: object) -> str:
         return f"<unprintable {type(value).__name__}>"
 
 
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
 def _jsonable(value: Any, depth: int = 0) -> Any:
     """Return ``value`` as plain JSON types; anything else becomes its str()."""
-    if value is None or isinstance(value, (bool, int, str)):
+    if type(value) in _PLAIN or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else _safe_str(value)
@@ -473,12 +476,27 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     return _safe_str(value)
 
 
-def build_record(event: EventId, *, text: str, moment: datetime, top: Mapping[str, Any],
+_second_text: tuple[int, str] = (-1, "")
+
+
+def now_text() -> str:
+    """``format_time`` of the present moment, cheaply: the text of the current second is kept."""
+    global _second_text
+    now = time.time()
+    second = int(now)
+    cached = _second_text
+    if cached[0] != second:
+        cached = _second_text = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{int((now - second) * 1000):03d}Z"
+
+
+def build_record(event: EventId, *, text: str, moment: datetime | str, top: Mapping[str, Any],
                  fields: Mapping[str, Any]) -> dict:
-    """The record ``EventLog.emit`` writes; keys whose value is None are left out."""
+    """The record ``EventLog.emit`` writes; keys whose value is None are left out. ``moment``
+    is a datetime or its text as ``format_time`` writes it."""
     definition = CATALOG[event]
     record: dict[str, Any] = {
-        "time": format_time(moment),
+        "time": moment if type(moment) is str else format_time(moment),
         "id": int(event),
         "name": event.name,
         "severity": definition.severity.value,
@@ -486,9 +504,25 @@ def build_record(event: EventId, *, text: str, moment: datetime, top: Mapping[st
     for key, value in top.items():
         if value is not None:
             record[key] = _jsonable(value)
-    record["text"] = _safe_str(text)
-    record["fields"] = _jsonable(dict(fields))
+    record["text"] = text if type(text) is str else _safe_str(text)
+    record["fields"] = _plain_fields(fields)
     return record
+
+
+def _plain_fields(fields: Mapping[str, Any]) -> dict:
+    """``fields`` as JSON types; the common case (strings, numbers, lists of strings) is copied
+    without walking each value."""
+    out = {}
+    for key, value in fields.items():
+        kind = type(value)
+        if kind in _PLAIN or (kind is list and all(type(v) is str for v in value)):
+            out[key if type(key) is str else _safe_str(key)] = value
+        else:
+            out[key if type(key) is str else _safe_str(key)] = _jsonable(value, 1)
+    return out
+
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class EventLog:
@@ -534,11 +568,13 @@ class EventLog:
              client: str | None = None, user: str | None = None, session: str | None = None,
              message_id: str | None = None, **fields: Any) -> dict:
         """Log one event and return its record (exactly what was written, as JSON types)."""
-        event = EventId(event)
+        if type(event) is not EventId:
+            event = EventId(event)
         top = {"listener": listener, "client": client, "user": user, "session": session,
                "message_id": message_id}
-        record = build_record(event, text=text, moment=self._clock(), top=top, fields=fields)
-        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+        moment = now_text() if self._clock is _utc_now else self._clock()
+        record = build_record(event, text=text, moment=moment, top=top, fields=fields)
+        line = _encode(record) + "\n"
         data = line.encode("utf-8", errors="backslashreplace")
         urgent = CATALOG[event].severity is not Severity.INFO
         with self._lock:

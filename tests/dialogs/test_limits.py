@@ -194,6 +194,14 @@ def test_data_line_too_long(small):
     assert small.cmd("NOOP").code == 250
 
 
+@pytest.mark.parametrize("length, code", [(998, 250), (999, 552)])
+def test_data_line_limit_is_exact(small, length, code):
+    """1000 octets with the CRLF (RFC 5321 4.5.3.1.6) pass; one more does not, wherever it is."""
+    start_data(small)
+    small.send("Subject: x\r\n\r\nshort\r\n" + "z" * length + "\r\nshort\r\n.\r\n")
+    assert small.reply().code == code
+
+
 def test_too_many_recipients(srv, small):
     replies = run_dialog(small, """
         c: MAIL FROM:<sender@example.org>

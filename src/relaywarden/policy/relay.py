@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-import secrets
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -33,6 +32,7 @@ from ..config.loader import LoadedConfig
 from ..config.schema import AccessList, Domain, DomainKind, Listener, Mode, normalise_domain
 from ..directory import Directory, MailboxEntry
 from ..events import EventId
+from ..ids import hex_id
 from ..status import Reply
 
 __all__ = [
@@ -138,7 +138,7 @@ class Decision:
 
 def new_decision_id() -> str:
     """A fresh decision id: 8 lower-case hex digits the sender can quote."""
-    return secrets.token_hex(4)
+    return hex_id(4)
 
 
 # ---------------------------------------------------------------------------------------------

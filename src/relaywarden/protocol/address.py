@@ -21,6 +21,7 @@ string either parses or raises :class:`AddressError`.
 from __future__ import annotations
 
 import ipaddress
+import re
 import string
 import unicodedata
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ _IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 _IPV4_CHARS = frozenset("0123456789.")
 _UNICODE_DOTS = frozenset("\u3002\uff0e\uff61")
 _JOINERS = frozenset("\u200c\u200d")
+_ASCII_DOT_ATOM = re.compile("[" + re.escape("".join(sorted(_ATEXT))) + ".]+")   # the checks before it place the dots
 _REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Cn", "Zs", "Zl", "Zp", "Cf"})
 
 
@@ -169,6 +171,8 @@ def _is_atext(char: str) -> bool:
 def _is_dot_atom(text: str) -> bool:
     if not text or text[0] == "." or text[-1] == "." or ".." in text:
         return False
+    if text.isascii():
+        return _ASCII_DOT_ATOM.fullmatch(text) is not None
     return all(char == "." or _is_atext(char) for char in text)
 
 

@@ -801,16 +801,20 @@ class SmtpServer:
             return status.bare_line_ending("CR"), "smuggling"
         if body and not body.endswith(b"\r\n"):
             return status.bare_line_ending("end of data without CRLF"), "smuggling"
-        if len(body) > self.opt.max_data_line and _longest_line(body) > self.opt.max_data_line - 2:
+        if len(body) > self.opt.max_data_line and _has_line_longer_than(body, self.opt.max_data_line - 2):
             return status.data_line_too_long(self.opt.max_data_line), "line-length"
         return None
 
 
-def _longest_line(body: bytes) -> int:
-    longest, start = 0, 0
-    while True:
-        idx = body.find(b"\r\n", start)
-        if idx < 0:
-            return max(longest, len(body) - start)
-        longest = max(longest, idx - start)
-        start = idx + 2
+def _has_line_longer_than(body: bytes, limit: int) -> bool:
+    """True when a line of ``body`` (whose lines all end in CRLF) is longer than ``limit``
+    octets, CRLF not counted. It looks at a window of ``limit + 2`` octets from a line start:
+    a line that fits ends in it, and the window's last LF is where the next one starts, so
+    each step skips about ``limit`` octets however short the lines are."""
+    pos, end = 0, len(body)
+    while pos < end:
+        last_lf = body.rfind(b"\n", pos, pos + limit + 2)
+        if last_lf < 0:
+            return True
+        pos = last_lf + 1
+    return False

@@ -23,7 +23,6 @@ import concurrent.futures
 import ipaddress
 import queue as stdlib_queue
 import re
-import secrets
 import sqlite3
 import threading
 import time
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relaywarden.ids import hex_id
 from relaywarden.queue.model import (
     DEFERRED,
     DELIVERED,
@@ -129,7 +129,7 @@ class QueueIdGenerator:
         with self._lock:
             stamp = max(time.time_ns() // 1000, self._last + 1)
             self._last = stamp
-        return f"{stamp:014x}{secrets.token_hex(5)}"
+        return f"{stamp:014x}{hex_id(5)}"
 
 
 @dataclass(slots=True)
@@ -811,13 +811,27 @@ def begin_immediate(conn: sqlite3.Connection, timeout: float) -> None:
 def _apply_group(
     conn: sqlite3.Connection, live: list[_Write], busy_timeout: float = 10.0
 ) -> tuple[list[tuple[_Write, Any]], list[tuple[_Write, BaseException]]]:
-    """Apply a group in one transaction, each write in its own SAVEPOINT, and COMMIT.
+    """Apply a group in one transaction and COMMIT; when a write fails, apply the group again
+    with each write in its own SAVEPOINT, so that only the failing write fails.
 
     Returns the writes applied (with their results) and the writes that failed alone. When
     sqlite rolls back the whole transaction on an error (it may on SQLITE_FULL, IOERR, NOMEM),
     the writes that had fitted are applied again in a new transaction and the failing write
     and the rest of the group fail with that error: one retry at most per group.
     """
+    # The common case first: every write applies, and no SAVEPOINT is spent on any of them.
+    begin_immediate(conn, busy_timeout)
+    try:
+        applied = [(write, write.apply(conn)) for write in live]
+    except Exception as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if len(live) == 1:
+            return [], [(live[0], exc)]
+        # One write failed: do it again write by write, to tell which ones fit.
+    else:
+        conn.execute("COMMIT")
+        return applied, []
     done: list[tuple[_Write, Any]] = []
     failed: list[tuple[_Write, BaseException]] = []
     begin_immediate(conn, busy_timeout)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import secrets
 import time
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ from ..policy.relay import SessionFacts, decide_connection, decide_mail, decide_
 from ..protocol import server as core
 from ..protocol.proxy import MAX_HEADER_BYTES, ProxyError, parse_proxy_header
 from ..dns import confirmed_name
+from ..ids import hex_id
 from ..queue.model import QueueFull
 from ..users import verify_password
 from . import receive
@@ -45,7 +45,7 @@ class SmtpSession(asyncio.Protocol):
     def __init__(self, rt: ListenerRuntime):
         self.rt = rt
         self.server = rt.server
-        self.id = secrets.token_hex(6)
+        self.id = hex_id(6)
         self.transport: asyncio.Transport | None = None
         self.core: core.SmtpServer | None = None
         self.peer = ("", 0)
