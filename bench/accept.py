@@ -150,12 +150,23 @@ def hwm_kib(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process (all its threads) and of its descendants that are running
+    (``server.workers`` > 1: the accepting and delivering processes under the supervisor)."""
+    stats: dict[int, tuple[int, float]] = {}   # pid -> (parent, seconds)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += stats.get(current, (0, 0.0))[1]
+        todo.extend(child for child, (parent, _) in stats.items() if parent == current)
+    return total
 
 
 class MemorySampler(threading.Thread):
@@ -245,7 +256,7 @@ class Profiler:
     def __init__(self, py_spy: str, pid: int, output: Path, rate: int = 250):
         self.output = output
         self.proc = subprocess.Popen(
-            [py_spy, "record", "--pid", str(pid), "--rate", str(rate), "--threads", "--format", "raw",
+            [py_spy, "record", "--pid", str(pid), "--rate", str(rate), "--threads", "--subprocesses", "--format", "raw",
              "--output", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)
 

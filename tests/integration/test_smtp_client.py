@@ -293,6 +293,99 @@ def test_pool_idle_session_is_quit_after_idle_timeout():
     assert asyncio.run(run()) == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"]
 
 
+async def _scripted_peer(seen: list[list[bytes]], answer) -> tuple[asyncio.base_events.Server, int]:
+    """A peer that records each connection's verbs; ``answer(verb, connection, count)`` gives the
+    reply (None: hang up) — ``count`` is how often that verb came on that connection."""
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        verbs: list[bytes] = []
+        seen.append(verbs)
+        writer.write(b"220 peer ESMTP\r\n")
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            verb = line.split()[0].upper()
+            verbs.append(verb)
+            reply = answer(verb, len(seen) - 1, verbs.count(verb))
+            if reply is None:
+                break
+            writer.write(reply)
+            if verb == b"DATA" and reply.startswith(b"354"):
+                while (await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 ok\r\n")
+            if verb == b"QUIT":
+                break
+        writer.close()
+
+    server = await asyncio.start_server(peer, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def _ordinary(verb: bytes, connection: int, count: int) -> bytes:
+    return {b"EHLO": b"250-peer\r\n250 PIPELINING\r\n", b"DATA": b"354 go\r\n",
+            b"QUIT": b"221 bye\r\n"}.get(verb, b"250 ok\r\n")
+
+
+def _pool_run(answer, recipients: list[str]) -> tuple[list[AttemptResult], list[list[bytes]]]:
+    async def run() -> tuple[list[AttemptResult], list[list[bytes]]]:
+        seen: list[list[bytes]] = []
+        server, port = await _scripted_peer(seen, answer)
+        results = []
+        async with SessionPool(idle_timeout=5) as pool:
+            for rcpt in recipients:
+                results.append(await pool.deliver("127.0.0.1", port, helo="relay.example.test", sender="a@example.test",
+                                                  recipients=[OutRcpt(rcpt)], data=BODY, tls="none", timeout=5))
+        server.close()
+        await server.wait_closed()
+        return results, seen
+
+    return asyncio.run(run())
+
+
+def test_pool_reuses_a_session_without_rset_after_a_completed_transaction():
+    results, seen = _pool_run(_ordinary, ["b@example.org", "c@example.org", "d@example.org"])
+    assert all(r.all_delivered for r in results) and [r.reused for r in results] == [False, True, True]
+    assert seen == [[b"EHLO"] + [b"MAIL", b"RCPT", b"DATA"] * 3 + [b"QUIT"]]
+
+
+def test_pool_says_rset_before_reusing_a_session_whose_transaction_did_not_end():
+    def refuse_first_rcpt(verb: bytes, connection: int, count: int) -> bytes:
+        if verb == b"RCPT" and count == 1:
+            return b"450 4.2.1 try later\r\n"
+        if verb == b"DATA" and count == 1:
+            return b"554 5.5.1 no valid recipients\r\n"   # the server still holds the MAIL
+        return _ordinary(verb, connection, count)
+
+    results, seen = _pool_run(refuse_first_rcpt, ["b@example.org", "c@example.org"])
+    assert results[0].results[0].reply_code == 450 and results[1].all_delivered and results[1].reused
+    assert seen == [[b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"MAIL", b"RCPT", b"DATA", b"QUIT"]]
+
+
+def test_pool_sends_again_on_a_new_connection_when_the_reused_one_refuses_mail_with_421():
+    def busy_on_reuse(verb: bytes, connection: int, count: int) -> bytes | None:
+        if verb == b"MAIL" and connection == 0 and count == 2:
+            return b"421 4.3.2 shutting down\r\n"
+        return _ordinary(verb, connection, count)
+
+    results, seen = _pool_run(busy_on_reuse, ["b@example.org", "c@example.org"])
+    assert all(r.all_delivered for r in results)
+    assert [r.reused for r in results] == [False, False]
+    assert seen[0][:5] == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"MAIL"]
+    assert seen[1] == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"]
+
+
+def test_pool_sends_again_when_the_reused_session_was_dropped_silently():
+    def drop_on_reuse(verb: bytes, connection: int, count: int) -> bytes | None:
+        if verb == b"MAIL" and connection == 0 and count == 2:
+            return None                                   # hang up without a word
+        return _ordinary(verb, connection, count)
+
+    results, seen = _pool_run(drop_on_reuse, ["b@example.org", "c@example.org"])
+    assert all(r.all_delivered for r in results) and len(seen) == 2
+    assert seen[1] == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"]
+
+
 # --- connection trouble -----------------------------------------------------------------------------
 
 def test_connection_refused_is_a_temporary_connect_failure():
@@ -424,7 +517,7 @@ def test_relay_refused_by_relaywarden_is_permanent_per_recipient(default_server)
     assert "Relay access denied" in r.results[1].remote_text
 
 
-def test_pool_reuses_a_tls_session_with_rset(default_server, ca_file):
+def test_pool_reuses_a_tls_session(default_server, ca_file):
     async def run() -> list[AttemptResult]:
         async with SessionPool() as pool:
             return [await pool.deliver("127.0.0.1", default_server.ports["submission"], helo="relay.example.test",

@@ -126,13 +126,19 @@ class _Session:
                 return None
             await self._read(timeout)
 
+    def alive(self) -> bool:
+        """Not closed by either side, as far as this end knows."""
+        return not self.reader.at_eof() and not self.writer.is_closing()
+
     async def _flush(self, timeout: float) -> bool:
         out = self.client.take_output()
         if not out:
             return True
         try:
             self.writer.write(out)
-            await asyncio.wait_for(self.writer.drain(), timeout)
+            if self.writer.transport.get_write_buffer_size():   # not all sent at once: wait
+                async with asyncio.timeout(timeout):
+                    await self.writer.drain()
         except (TimeoutError, asyncio.TimeoutError):
             self.client.timeout(timeout)
             return False
@@ -144,7 +150,8 @@ class _Session:
     async def _read(self, timeout: float) -> None:
         wait = self.dest.timeouts.data if self.client.awaiting == "END-OF-DATA" else timeout
         try:
-            data = await asyncio.wait_for(self.reader.read(READ_SIZE), wait)
+            async with asyncio.timeout(wait):
+                data = await self.reader.read(READ_SIZE)
         except (TimeoutError, asyncio.TimeoutError):
             self.client.timeout(wait)
             return
@@ -349,6 +356,11 @@ class SessionPool:
         session = await self._take_idle(dest)
         if session is not None:
             result = await _transaction(session, message, reused=True)
+            if result.session_failure and all(r.command == "MAIL" for r in result.results):
+                # The idle session had died (or said 421) before the server took anything:
+                # the message goes again at once on a new connection, no harm done.
+                await _finish_session(session)
+                result, session = await _fresh_attempt(dest, message)
         else:
             result, session = await _fresh_attempt(dest, message)
         await self._release(dest, session)
@@ -361,6 +373,11 @@ class SessionPool:
             timer = self._timers.pop(session, None)
             if timer is not None:
                 timer.cancel()
+            if session.client.ready and session.client.clean and session.alive():
+                # The last transaction ended with the reply to its end of data: the server
+                # waits for MAIL, so no RSET round trip (a session that died meanwhile is
+                # found by the MAIL, and the message then goes on a new connection).
+                return session
             if session.client.ready:
                 session.client.reset()
                 event = await session.run_until(lambda e: isinstance(e, ResetDone), dest.timeouts.command)

@@ -238,7 +238,11 @@ def parse_extensions(reply: Reply) -> dict[str, str]:
 
 def dot_stuff(data: bytes) -> bytes:
     """The DATA payload: CRLF line ends, leading dots doubled, terminated with ``CRLF . CRLF``."""
-    body = _LINE_ENDS.sub(b"\r\n", data)
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+        body = data              # the usual case (the server refuses bare CR and LF): no rewrite
+    else:
+        body = _LINE_ENDS.sub(b"\r\n", data)
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
     if body.startswith(b"."):
@@ -286,6 +290,9 @@ class SmtpClient:
         self.extensions: dict[str, str] = {}
         self.esmtp = False
         self.transactions = 0
+        # the server holds no transaction: the last one ended with the reply to its end of data,
+        # or the session is fresh, or RSET was answered 250 (RFC 5321 4.1.4)
+        self.clean = False
         self.failure: DeliveryResult | None = None     # why the session ended, when it failed
         self._parser = ReplyParser(options.max_reply_line, options.max_reply_lines)
         self._out: list[bytes] = []
@@ -508,12 +515,14 @@ class SmtpClient:
 
     def _become_ready(self) -> None:
         self.state = State.READY
+        self.clean = True
         self._events.append(SessionReady(dict(self.extensions), self.tls, self.authenticated))
         if self._pending is not None:
             self._start_pending()
 
     def _on_rset(self, reply: Reply, index: int) -> None:
         self.state = State.READY
+        self.clean = reply.code == 250
         self._events.append(ResetDone(reply.code == 250, reply))
 
     def _on_quit(self, reply: Reply, index: int) -> None:
@@ -525,6 +534,7 @@ class SmtpClient:
         message, self._pending = self._pending, None
         assert message is not None
         self.state = State.BUSY
+        self.clean = False
         self.transactions += 1
         tx = _Transaction(message, [None] * len(message.recipients), [None] * len(message.recipients))
         self._tx = tx
@@ -661,11 +671,13 @@ class SmtpClient:
         self._expect.append(("END-OF-DATA", -1))
 
     def _on_empty_data(self, reply: Reply, index: int) -> None:
+        self.clean = True
         self._finish()
 
     def _on_end_of_data(self, reply: Reply, index: int) -> None:
         assert self._tx is not None
         self._settle(self._remote(reply, "END-OF-DATA"))
+        self.clean = True
         self._finish()
 
     def _settle(self, result: DeliveryResult) -> None:
