@@ -74,7 +74,7 @@ def test_a_message_changed_by_an_operator_meanwhile_is_left_alone(tmp_path):
         runner = _runner(q, tmp_path, events)
 
         async def run():
-            message, data = runner._load(qid)
+            message, data = q.lease_and_load_later(qid, time.time() + 60, time.time()).result()
             q.delete(qid)                                   # `queue delete` in another process
             due = [r for r in message.recipients]
             from relaywarden.queue.model import DeliveryResult
@@ -93,6 +93,7 @@ def test_a_leased_message_is_neither_offered_again_nor_deleted_nor_bounced(tmp_p
         now = time.time()
         assert q.lease_later(qid, now + 60, now).result()
         assert not q.lease_later(qid, now + 60, now).result()           # one deliverer at a time
+        assert q.lease_and_load_later(qid, now + 60, now).result() is None
         assert q.due(now + 10, 10) == []
         assert q.delete_many([qid]) == 0
         [rid] = [r.id for r in q.recipients(qid)]
@@ -112,3 +113,17 @@ def test_a_held_message_cannot_be_leased_and_a_dead_runners_leases_are_void(tmp_
         assert q.lease_later(other, now + 3600, now).result()
         assert q.release_all_leases() == 1                              # at the runner's start
         assert q.lease_later(other, now + 60, now).result()
+
+
+def test_lease_and_load_gives_the_message_and_its_data_only_with_the_lease(tmp_path):
+    with SqliteQueue(tmp_path / "queue.sqlite") as q:
+        qid = q.submit(_message("alice@example.test")).result()
+        held = q.submit(_message("alice@example.test")).result()
+        q.set_hold(held, True)
+        now = time.time()
+        message, data = q.lease_and_load_later(qid, now + 60, now).result()
+        assert message == q.get(qid) and data == q.message_data(qid)
+        assert q.lease_and_load_later(qid, now + 60, now).result() is None       # leased already
+        assert q.lease_and_load_later(held, now + 60, now).result() is None      # on hold
+        assert q.lease_and_load_later("0" * 24, now + 60, now).result() is None  # gone
+        assert q.lease_and_load_later(qid, now + 120, now + 61).result()[0].id == qid   # the lease ran out

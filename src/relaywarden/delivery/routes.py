@@ -16,6 +16,7 @@ disagree), and ``hops_for()`` turns it into ``Hop`` values:
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 import re
@@ -89,6 +90,7 @@ def resolve_route(loaded: LoadedConfig, domain: str) -> RouteChoice:
     return RouteChoice(None)
 
 
+@functools.lru_cache(maxsize=256)     # the routes' entries, parsed again for every message otherwise
 def parse_smarthost(text: str) -> tuple[str, int]:
     """``(host, port)`` from a smarthost entry; the host is an address or a lower-case name.
 

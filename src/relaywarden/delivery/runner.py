@@ -166,17 +166,17 @@ class QueueRunner:
 
     # --- one message -----------------------------------------------------------------------------
 
-    def _load(self, queue_id: str) -> tuple[QueuedMessage | None, bytes | None]:
-        message = self.queue.get(queue_id)
-        if message is None or message.hold:
-            return message, None
-        return message, self.queue.message_data(queue_id)
-
     async def _deliver_message(self, queue_id: str, preloaded: tuple[QueuedMessage, bytes] | None = None) -> None:
         now = time.time()
         # The lease: operators' delete and bounce leave the message alone while it is delivered.
-        if not await asyncio.wrap_future(self.queue.lease_later(queue_id, now + self.lease_seconds, now)):
-            return                              # held, gone, or leased
+        if preloaded is not None:
+            if not await asyncio.wrap_future(self.queue.lease_later(queue_id, now + self.lease_seconds, now)):
+                return                          # held, gone, or leased
+        else:
+            preloaded = await asyncio.wrap_future(
+                self.queue.lease_and_load_later(queue_id, now + self.lease_seconds, now))
+            if preloaded is None:
+                return                          # held, gone, or leased
         removed = False
         try:
             removed = await self._deliver_leased(queue_id, preloaded)
@@ -184,11 +184,9 @@ class QueueRunner:
             if not removed:     # still queued (deferred, or an error): offered again later
                 await asyncio.wrap_future(self.queue.release_later(queue_id))
 
-    async def _deliver_leased(self, queue_id: str, preloaded: tuple[QueuedMessage, bytes] | None) -> bool:
+    async def _deliver_leased(self, queue_id: str, loaded: tuple[QueuedMessage, bytes]) -> bool:
         """Deliver what is due of a leased message; True when the message left the queue."""
-        message, data = preloaded or await asyncio.to_thread(self._load, queue_id)
-        if message is None or message.hold or data is None:
-            return message is None
+        message, data = loaded
         now = time.time()
         due = [r for r in message.recipients
                if r.state in ("pending", "deferred") and (r.next_attempt_at or 0) <= now]

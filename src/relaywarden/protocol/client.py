@@ -31,6 +31,7 @@ reply, and such failures are temporary.
 from __future__ import annotations
 
 import base64
+import functools
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -235,6 +236,12 @@ def parse_extensions(reply: Reply) -> dict[str, str]:
 
 
 # --- message preparation ------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4096)     # the same senders and recipients come again and again
+def _wire_address(address: str) -> str:
+    """The address as it goes in MAIL or RCPT; raises AddressError."""
+    return parse_address(address, allow_utf8=True).address
+
 
 def dot_stuff(data: bytes) -> bytes:
     """The DATA payload: CRLF line ends, leading dots doubled, terminated with ``CRLF . CRLF``."""
@@ -561,14 +568,14 @@ class SmtpClient:
         sender = msg.sender
         if sender:
             try:
-                sender = parse_address(sender, allow_utf8=True).address
+                sender = _wire_address(sender)
             except AddressError as exc:
                 self._fail_all(tx, "MAIL", "5.1.7", f"sender address <{msg.sender}> cannot be sent: {exc.reason}")
                 return None
         utf8 = needs_smtputf8(sender)
         for i, rcpt in enumerate(msg.recipients):
             try:
-                tx.wire[i] = parse_address(rcpt.address, allow_utf8=True).address
+                tx.wire[i] = _wire_address(rcpt.address)
             except AddressError as exc:
                 tx.results[i] = self._own(True, "RCPT", "5.1.3", f"recipient address cannot be sent: {exc.reason}")
         if utf8 and "SMTPUTF8" not in ext:

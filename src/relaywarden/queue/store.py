@@ -439,6 +439,21 @@ class SqliteQueue(QueueBackend):
         return self._enqueue(_Write(lambda c: c.execute(sql, (until, queue_id, now)).rowcount == 1,
                                     durable=False))
 
+    def lease_and_load_later(self, queue_id: str, until: float, now: float
+                             ) -> concurrent.futures.Future[tuple[QueuedMessage, bytes] | None]:
+        """``lease_later`` and, in the same write, the message and its data: None when the
+        lease was not taken. One trip to the writer instead of a lease and then a read."""
+        sql = ("UPDATE message SET lease_until = ? WHERE id = ? AND hold = 0"
+               " AND (lease_until IS NULL OR lease_until <= ?)")
+
+        def apply(c: sqlite3.Connection) -> tuple[QueuedMessage, bytes] | None:
+            if c.execute(sql, (until, queue_id, now)).rowcount != 1:
+                return None
+            row = c.execute(f"SELECT {_MESSAGE_COLUMNS}, data FROM message WHERE id = ?", (queue_id,)).fetchone()
+            recipients = _select_recipients(c, "message_id = ?", (queue_id,))
+            return _message_from_row(row[:-1], tuple(recipients)), bytes(row[-1])
+        return self._enqueue(_Write(apply, durable=False))
+
     def release_later(self, queue_id: str) -> concurrent.futures.Future[int]:
         sql = "UPDATE message SET lease_until = NULL WHERE id = ?"
         return self._enqueue(_Write(lambda c: c.execute(sql, (queue_id,)).rowcount, durable=False))
