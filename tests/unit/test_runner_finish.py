@@ -127,3 +127,23 @@ def test_lease_and_load_gives_the_message_and_its_data_only_with_the_lease(tmp_p
         assert q.lease_and_load_later(held, now + 60, now).result() is None      # on hold
         assert q.lease_and_load_later("0" * 24, now + 60, now).result() is None  # gone
         assert q.lease_and_load_later(qid, now + 120, now + 61).result()[0].id == qid   # the lease ran out
+
+
+def test_ids_rung_by_another_process_start_at_once_and_anything_else_asks_for_a_scan(tmp_path):
+    """The delivery process's doorbell brings queue ids: each starts without a queue scan; an
+    id that does not look like one, or a full runner, wakes the scan instead."""
+    events: list = []
+    with SqliteQueue(tmp_path / "queue.sqlite") as q:
+        qid = q.submit(_message("postmaster@example.test")).result()
+
+        async def run():
+            runner = _runner(q, tmp_path, events)
+            runner.offer_ids([qid])
+            assert qid in runner._in_flight and not runner._wake.is_set()
+            await asyncio.gather(*runner._tasks)
+            runner.offer_ids(["../../etc/passwd"])
+            assert runner._wake.is_set() and not runner._in_flight
+            await runner.pool.close()
+        asyncio.run(run())
+        assert q.get(qid) is None                                       # delivered to the mailbox
+        assert list((tmp_path / "mail").rglob("new/*")), "the message reached the Maildir"

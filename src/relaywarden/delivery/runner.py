@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -35,6 +36,8 @@ from .maildir import MaildirError, deliver_local
 from .mx import NextHopError
 from .routes import RouteChoice, hops_for, resolve_route
 from .smtp_client import OutRcpt, SessionPool, Timeouts
+
+_QUEUE_ID = re.compile(r"[0-9a-f]{24}")     # what QueueIdGenerator makes
 
 Emit = Callable[..., object]
 
@@ -85,6 +88,20 @@ class QueueRunner:
     def wake(self) -> None:
         """New mail is in the queue: look now rather than at the next poll."""
         self._wake.set()
+
+    def offer_ids(self, queue_ids: list[str]) -> None:
+        """Messages another process has just committed (its doorbell): start on them at once,
+        loading each with its lease, without a scan of the queue. What cannot start now (a full
+        runner, an id that does not look like one) is left to a scan."""
+        scan = False
+        for queue_id in queue_ids:
+            if (self._stopping or not _QUEUE_ID.fullmatch(queue_id) or queue_id in self._in_flight
+                    or len(self._in_flight) >= self.cfg.max_concurrency * 4):
+                scan = True
+                continue
+            self._start(queue_id)
+        if scan or not queue_ids:
+            self.wake()
 
     def offer(self, queue_id: str, recipient_ids: list[int], msg: MessageIn) -> None:
         """A message this process has just committed: start on it at once, from memory (no

@@ -86,8 +86,8 @@ class ListenerRuntime:
 
 class Doorbell:
     """How accepting workers tell the delivery process that new mail is queued: a datagram on a
-    UNIX socket in the data directory. Best effort: a lost ring only delays delivery to the next
-    ``delivery.poll_interval``."""
+    UNIX socket in the data directory, holding the new message's queue id. Best effort: a lost
+    ring only delays delivery to the next ``delivery.poll_interval``."""
 
     def __init__(self, data_dir: Path, listen=None):
         import socket as socketlib
@@ -105,16 +105,17 @@ class Doorbell:
             asyncio.get_running_loop().add_reader(self.sock.fileno(), self._drain, listen)
 
     def _drain(self, listen) -> None:
+        rung: list[str] = []
         try:
-            while self.sock.recv(64):
-                pass
+            while len(rung) < 10_000:
+                rung.append(self.sock.recv(64).decode("ascii", "replace"))
         except (BlockingIOError, OSError):
             pass
-        listen()
+        listen(rung)
 
-    def ring(self) -> None:
+    def ring(self, queue_id: str = "") -> None:
         try:
-            self.sock.sendto(b"1", self.path)
+            self.sock.sendto(queue_id.encode("ascii"), self.path)
         except OSError:
             pass        # no delivery process yet, or its socket is full: the poll will find the mail
 
@@ -235,7 +236,7 @@ class Server:
                                       data_dir=self.data_dir, hostname=self.hostname)
             self.runner.start()
             if self.role == "deliver":
-                self.doorbell = Doorbell(self.data_dir, listen=self.runner.wake)
+                self.doorbell = Doorbell(self.data_dir, listen=self.runner.offer_ids)
 
     def _new_session(self, rt: ListenerRuntime) -> SmtpSession:
         self.refresh_directory()

@@ -425,7 +425,7 @@ class SmtpSession(asyncio.Protocol):
             if self.server.runner is not None:
                 self.server.runner.offer(qid, recipient_ids, msg)   # delivery starts now, from memory
             elif self.server.doorbell is not None:
-                self.server.doorbell.ring()                          # the delivery process looks now
+                self.server.doorbell.ring(qid)                       # the delivery process starts on it
             self.server.emit(EventId.MESSAGE_QUEUED, self, message_id=qid, text=(
                 f"queued {qid} from <{msg.sender}> for {len(msg.recipients)} recipient(s), {len(msg.data)} octets"
                 + ("" if open_ else "; the client left before the 250")),
