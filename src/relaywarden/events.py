@@ -25,6 +25,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -845,11 +846,14 @@ def _escape(text: str) -> str:
     return "".join(out)
 
 
+_NEEDS_QUOTES = re.compile(r'[\s"=\\\x00-\x1f\x7f]')
+
+
 def _summary_value(value: object) -> str:
     if value is None or value == "":
         return "-"
     text = _safe_str(value)
-    if any(c.isspace() or c in '"=\\' or ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    if _NEEDS_QUOTES.search(text):
         return f'"{_escape(text)}"'
     return text
 

@@ -11,6 +11,7 @@ leak configuration (file names, rule numbers, relay lists); those go to the even
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 __all__ = ["Reply"]
@@ -55,7 +56,7 @@ class Reply:
         return out
 
     def encode(self, enhanced: bool = True) -> bytes:
-        return ("\r\n".join(self.lines(enhanced)) + "\r\n").encode("utf-8")
+        return _encoded(self, enhanced)
 
     def __str__(self) -> str:
         return " ".join(x for x in (str(self.code), self.enhanced, self.text.replace("\n", " / ")) if x)
@@ -66,6 +67,11 @@ class Reply:
     def tagged(self, decision_id: str) -> Reply:
         """The reply with a decision id the sender can quote ("... [decision 8f3a2c]")."""
         return Reply(self.code, self.enhanced, f"{self.text} [decision {decision_id}]")
+
+
+@functools.lru_cache(maxsize=512)      # most replies are the same few, again and again
+def _encoded(reply: Reply, enhanced: bool) -> bytes:
+    return ("\r\n".join(reply.lines(enhanced)) + "\r\n").encode("utf-8")
 
 
 # --- greeting, session ------------------------------------------------------------------------

@@ -207,9 +207,9 @@ class SmtpServer:
         self._close("refused at connect")
 
     def receive(self, data: bytes) -> None:
-        if self.state is State.CLOSED:
+        if self._state is State.CLOSED:
             return
-        if self.state is State.TLS:
+        if self._state is State.TLS:
             return                      # plaintext after STARTTLS: never read
         self._in += data
         self._process()
@@ -226,7 +226,7 @@ class SmtpServer:
 
     @property
     def closed(self) -> bool:
-        return self.state is State.CLOSED
+        return self._state is State.CLOSED
 
     @property
     def buffered(self) -> int:
@@ -238,12 +238,12 @@ class SmtpServer:
         return self._pending is not None
 
     def timeout(self) -> None:
-        if self.state is not State.CLOSED:
+        if self._state is not State.CLOSED:
             self._reply(status.timeout(self.opt.hostname))
             self._close("timeout")
 
     def shutdown(self) -> None:
-        if self.state is not State.CLOSED:
+        if self._state is not State.CLOSED:
             self._reply(status.shutting_down(self.opt.hostname))
             self._close("shutdown")
 
@@ -332,32 +332,32 @@ class SmtpServer:
         if kind:
             self._events.append(Refused(reply, kind, detail))
         self.errors += 1
-        if self.errors >= self.opt.max_errors and self.state is not State.CLOSED:
+        if self.errors >= self.opt.max_errors and self._state is not State.CLOSED:
             self._reply(status.too_many_errors())
             self._events.append(Refused(status.too_many_errors(), "too-many-errors"))
             self._close("too many errors")
 
     def _close(self, reason: str) -> None:
-        if self.state is not State.CLOSED:
+        if self._state is not State.CLOSED:
             self.state = State.CLOSED
             self._in.clear()
             self._events.append(Closed(reason))
 
     def _process(self) -> None:
-        while self.state is not State.CLOSED and self._pending is None:
-            if self.state is State.DATA:
+        while self._state is not State.CLOSED and self._pending is None:
+            if self._state is State.DATA:
                 if not self._read_data():
                     return
-            elif self.state is State.BDAT:
+            elif self._state is State.BDAT:
                 if not self._read_chunk():
                     return
-            elif self.state is State.TLS:
+            elif self._state is State.TLS:
                 return
             else:
                 line = self._read_line()
                 if line is None:
                     return
-                if self.state is State.AUTH:
+                if self._state is State.AUTH:
                     self._auth_line(line)
                 else:
                     self._command(line)
@@ -365,8 +365,8 @@ class SmtpServer:
     def _read_line(self) -> bytes | None:
         """The next complete line, or None when there is none yet.  Over-long lines are answered
         and skipped here, and reading goes on with whatever was pipelined after them."""
-        limit = MAX_SASL_LINE if self.state is State.AUTH else self.opt.max_command_line
-        while self.state is not State.CLOSED:
+        limit = MAX_SASL_LINE if self._state is State.AUTH else self.opt.max_command_line
+        while self._state is not State.CLOSED:
             idx = self._in.find(b"\n")
             if idx < 0:
                 if len(self._in) > limit:
@@ -410,7 +410,7 @@ class SmtpServer:
         if verb in NOT_IMPLEMENTED:
             self._cmd_unimplemented(verb, arg)      # 502 in every state, never "bad sequence"
             return
-        allowed = ALLOWED.get(self.state, frozenset())
+        allowed = ALLOWED.get(self._state, frozenset())
         if verb not in allowed:
             if verb == "BDAT":
                 self._refuse_bdat(arg, self._sequence_reply(verb))
@@ -427,7 +427,7 @@ class SmtpServer:
         return False
 
     def _sequence_reply(self, verb: str) -> Reply:
-        if verb in ("MAIL", "STARTTLS", "AUTH") and self.state is State.CONNECTED:
+        if verb in ("MAIL", "STARTTLS", "AUTH") and self._state is State.CONNECTED:
             return status.bad_sequence("send EHLO or HELO first")
         if verb in ("MAIL", "AUTH", "STARTTLS"):
             return status.bad_sequence("a mail transaction is in progress")
@@ -482,7 +482,7 @@ class SmtpServer:
             return
         self.envelope = None
         self._reset_chunks()
-        if self.state is not State.CONNECTED:
+        if self._state is not State.CONNECTED:
             self.state = State.READY
         self._reply(status.reset_ok())
 
@@ -714,7 +714,7 @@ class SmtpServer:
     def _refuse_bdat(self, arg: str, reply: Reply) -> None:
         """BDAT out of sequence: read its chunk to the end (never as commands), then refuse it."""
         if self._bdat_size(arg):
-            self._bdat_skip = (reply, self.state)
+            self._bdat_skip = (reply, self._state)
             self.state = State.BDAT
 
     def _bdat_size(self, arg: str) -> bool:
