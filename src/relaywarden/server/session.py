@@ -443,6 +443,8 @@ class SmtpSession(asyncio.Protocol):
 
 def _clean(address: str) -> str:
     """Normalise an address (IPv4-mapped IPv6 becomes IPv4, zone ids dropped)."""
+    if ":" not in address and address[:1].isdigit() and address.count(".") == 3:
+        return address              # IPv4 as the kernel writes it: already canonical
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
