@@ -113,3 +113,67 @@ def test_one_server_per_data_directory(tmp_path, start_server):
     second = RelayServer(CONFIG.replace("SINKPORT", "25"), first.data_dir)     # same data dir, other ports
     with pytest.raises(RuntimeError, match="already served by pid"):
         second.start(timeout=10)
+
+
+LIMITS = """
+[server]
+hostname = "mx.example.test"
+workers = 2
+
+[[listener]]
+name = "few"
+address = "127.0.0.1"
+port = {port:few}
+tls = "none"
+[listener.limits]
+max_connections = 4
+
+[[listener]]
+name = "perclient"
+address = "127.0.0.1"
+port = {port:perclient}
+tls = "none"
+[listener.limits]
+max_connections_per_client = 3
+
+[[domain]]
+name = "example.test"
+
+[[mailbox]]
+address = "postmaster@example.test"
+
+[delivery]
+enabled = false
+"""
+
+
+def _greetings(port: int, n: int) -> tuple[list[int], list]:
+    from tests.support.smtp import SmtpConn
+
+    conns = [SmtpConn(port) for _ in range(n)]
+    return [c.greeting.code for c in conns], conns
+
+
+@pytest.mark.parametrize("listener, limit", [("few", 4), ("perclient", 3)])
+def test_connection_limits_hold_for_the_whole_server_not_per_worker(start_server, listener, limit):
+    """SO_REUSEPORT spreads the connections over both workers; counted per process, 8 of them
+    would all be let in (up to the limit in each worker): counted for the server, `limit` are."""
+    srv = start_server(LIMITS)
+    codes, conns = _greetings(srv.ports[listener], 8)
+    try:
+        assert sorted(codes) == [220] * limit + [421] * (8 - limit)
+        summaries = [e for e in srv.events() if e["name"] == "CONNECTION_LIMIT"]
+        assert summaries or srv.wait_for_event(lambda e: e["name"] == "CONNECTION_LIMIT")
+    finally:
+        for c in conns:
+            c.close()
+    # the places are given back: once they are closed, as many get in again
+    deadline = time.monotonic() + 10
+    while True:
+        codes, conns = _greetings(srv.ports[listener], limit)
+        for c in conns:
+            c.close()
+        if codes == [220] * limit:
+            break
+        assert time.monotonic() < deadline, f"places were not given back: {codes}"
+        time.sleep(0.2)

@@ -362,7 +362,7 @@ class Server(_Model):
 
     hostname: str = Field("relaywarden.localdomain", description="Name in the greeting, EHLO reply, Received headers and NDRs (should match the reverse DNS of the public address).")
     allow_open_relay: bool = Field(False, description="Start even if a listener lets unauthenticated clients relay to any domain. Never set this on a server reachable from the Internet; it is logged as a warning at every start.")
-    workers: int = Field(1, ge=1, le=64, description="Processes that accept mail, each with its own event loop, sharing the listeners (SO_REUSEPORT), the queue and the event log. With more than one, delivery runs in one more process of its own. Connection limits apply per process.")
+    workers: int = Field(1, ge=1, le=64, description="Processes that accept mail, each with its own event loop, sharing the listeners (SO_REUSEPORT), the queue and the event log. With more than one, delivery runs in one more process of its own. Connection limits hold for the whole server: the workers share their counts.")
     auth_failure_delay: float = Field(1.0, ge=0, le=30, description="Seconds to wait before answering a failed AUTH (slows password guessing).")
     event_log_max_bytes: int = Field(50_000_000, ge=10_000, description="Rotate the event log at this size.")
     event_log_backups: int = Field(10, ge=1, le=1000, description="Rotated event logs kept.")

@@ -28,6 +28,7 @@ from ..policy.audit import check_startable
 from ..protocol.server import ServerOptions
 from ..queue.store import SqliteQueue
 from ..users import UserStore
+from .limits import LocalCounts, SharedCounts
 from .session import SmtpSession
 from .tls import ensure_self_signed, server_context
 
@@ -39,14 +40,14 @@ class StartError(Exception):
 class ListenerRuntime:
     """One listener's live state: its settings, TLS context, sessions and per-client counts."""
 
-    def __init__(self, server: Server, config: Listener, ssl_context: ssl.SSLContext | None):
+    def __init__(self, server: Server, config: Listener, ssl_context: ssl.SSLContext | None, index: int = 0):
         self.server = server
         self.config = config
+        self.index = index          # the listener's place in the configuration (for the counts)
         self.name = config.name
         self.limits = config.limits
         self.ssl_context = ssl_context
         self.sessions: set[SmtpSession] = set()
-        self.per_client: dict[str, int] = {}
         self.aio_server: asyncio.base_events.Server | None = None
         self._proxies = [ipaddress.ip_network(n) for n in config.proxy_from]
         self.needs_rdns = bool(config.relay.domains() or config.connections.domains())
@@ -69,6 +70,22 @@ class ListenerRuntime:
 
     def options(self, tls_active: bool) -> ServerOptions:
         return self._options[tls_active]
+
+    # connection counts for the limits: of this process, or of all workers (server/limits.py)
+
+    def sessions_changed(self) -> None:
+        self.server.counts.set_total(self.index, len(self.sessions))
+
+    def active(self) -> int:
+        """Connections to this listener now, in every worker (this one included)."""
+        return self.server.counts.total(self.index)
+
+    def from_client(self, address: str) -> int:
+        """Counted connections from this client address, in every worker."""
+        return self.server.counts.client(self.index, address)
+
+    def client_counted(self, address: str, delta: int) -> None:
+        self.server.counts.add_client(self.index, address, delta)
 
     def is_proxy(self, address: str) -> bool:
         try:
@@ -126,7 +143,8 @@ class Doorbell:
 
 
 class Server:
-    def __init__(self, loaded: LoadedConfig, data_dir: Path, *, echo=None, worker: int = 0, role: str = "all"):
+    def __init__(self, loaded: LoadedConfig, data_dir: Path, *, echo=None, worker: int = 0, role: str = "all",
+                 counts: LocalCounts | SharedCounts | None = None):
         self.loaded = loaded
         self.config = loaded.config
         self.hostname = self.config.server.hostname
@@ -149,6 +167,8 @@ class Server:
         # and a "deliver" process runs the queue runner on a core of its own
         self.role = role
         self.doorbell: Doorbell | None = None
+        # connection counts behind the listeners' limits: shared by the accepting workers
+        self.counts = counts if counts is not None else LocalCounts(len(self.config.listener))
         self.resolver = make_resolver(self.config.dns)
 
     # --- events --------------------------------------------------------------------------------
@@ -196,7 +216,7 @@ class Server:
         self.refresh_directory()
         loop = asyncio.get_running_loop()
         cert_key = None
-        for lc in (self.config.listener if self.role != "deliver" else []):
+        for index, lc in enumerate(self.config.listener if self.role != "deliver" else []):
             ctx = None
             if lc.tls != TlsMode.NONE:
                 if lc.certificate:
@@ -208,7 +228,7 @@ class Server:
                     ctx = server_context(cert, key)
                 except (OSError, ssl.SSLError) as exc:
                     raise StartError(f"listener {lc.name}: cannot load certificate {cert} / key {key}: {exc}") from None
-            rt = ListenerRuntime(self, lc, ctx)
+            rt = ListenerRuntime(self, lc, ctx, index)
             try:
                 rt.aio_server = await loop.create_server(
                     lambda rt=rt: self._new_session(rt), host=lc.address, port=lc.port,
@@ -339,7 +359,8 @@ def _lock_data_dir(data_dir: Path):
     return handle
 
 
-def _serve(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, worker: int, role: str = "all") -> int:
+def _serve(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, worker: int, role: str = "all",
+           counts: SharedCounts | None = None) -> int:
     def echo(record: dict) -> None:
         # errors, and warnings about the server itself (open relay, configuration); not per-session noise
         if record.get("severity") == "error" or (record.get("severity") == "warning" and record["id"] < 1100):
@@ -347,7 +368,7 @@ def _serve(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, worker:
                 print(f"{record['time']} {record['id']} {record['name']}: {record['text']}", file=out, flush=True)
 
     async def main() -> int:
-        server = Server(loaded, data_dir, echo=echo, worker=worker, role=role)
+        server = Server(loaded, data_dir, echo=echo, worker=worker, role=role, counts=counts)
         try:
             await server.start()
         except StartError as exc:
@@ -421,12 +442,17 @@ def _supervise(loaded: LoadedConfig, data_dir: Path, *, out, loop_name: str, wor
         code = 1
         try:
             role = "deliver" if index == workers else "accept"
-            code = _serve(loaded, data_dir, out=out, loop_name=loop_name, worker=index, role=role)
+            if role == "accept":
+                counts.attach(index)        # before it listens: clears what a dead predecessor left
+            code = _serve(loaded, data_dir, out=out, loop_name=loop_name, worker=index, role=role,
+                          counts=counts if role == "accept" else None)
         finally:
             out.flush()
             os._exit(code)
 
     supervisor = os.getpid()
+    counts = SharedCounts(len(loaded.config.listener), workers,   # the listeners' limits hold for all workers
+                          max((lc.limits.max_connections for lc in loaded.config.listener), default=1))
     children: dict[int, int] = {}
     stopping = False
 

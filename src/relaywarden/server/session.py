@@ -75,6 +75,7 @@ class SmtpSession(asyncio.Protocol):
         self.peer = self.client = (_clean(peer[0]), peer[1])
         self.tls_info = describe(transport.get_extra_info("ssl_object"))
         self.rt.sessions.add(self)
+        self.rt.sessions_changed()
         self.deadline = time.monotonic() + self.rt.limits.command_timeout
         if self.rt.config.proxy_protocol and self.rt.is_proxy(self.peer[0]):
             self._proxy_buf = bytearray()
@@ -85,16 +86,19 @@ class SmtpSession(asyncio.Protocol):
         rt = self.rt
         limits = rt.limits
         self.core = core.SmtpServer(rt.options(tls_active=self.tls_info is not None))
-        if len(rt.sessions) > limits.max_connections or \
-                rt.per_client.get(self.client[0], 0) >= limits.max_connections_per_client:
+        # Counted first, then compared (both counts include this connection): two workers
+        # taking the last place at the same moment may both refuse, never both accept.
+        rt.client_counted(self.client[0], +1)
+        active, from_client = rt.active(), rt.from_client(self.client[0])
+        if active > limits.max_connections or from_client > limits.max_connections_per_client:
+            rt.client_counted(self.client[0], -1)
             self.server.emit(EventId.CONNECTION_LIMIT, self, text=(
                 f"connection from {self.client[0]} refused: listener {rt.name} is at its connection "
                 f"limit ({limits.max_connections} in all, {limits.max_connections_per_client} per client)"),
-                active=len(rt.sessions), from_client=rt.per_client.get(self.client[0], 0))
+                active=active, from_client=from_client - 1)
             self.core.refuse_connection(status.too_many_connections())
             self._pump()
             return
-        rt.per_client[self.client[0]] = rt.per_client.get(self.client[0], 0) + 1
         self._counted = True
         if rt.needs_rdns:
             # a relay or connection list names domains: learn the client's forward-confirmed
@@ -208,12 +212,9 @@ class SmtpSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.rt.sessions.discard(self)
+        self.rt.sessions_changed()
         if self._counted:
-            n = self.rt.per_client.get(self.client[0], 1) - 1
-            if n <= 0:
-                self.rt.per_client.pop(self.client[0], None)
-            else:
-                self.rt.per_client[self.client[0]] = n
+            self.rt.client_counted(self.client[0], -1)
             self._counted = False
         self._summary()
 
