@@ -339,3 +339,29 @@ def test_quit_in_transaction_discards_it(srv, mx):
         lambda e: e["id"] == 1109 and e["fields"].get("helo") == "quitter.example.org")
     assert summary["fields"]["messages"] == 0
     assert summary["fields"]["accepted"] == 1
+
+
+def test_session_summary_counts_every_refused_recipient(srv, mx):
+    """Refused by the relay decision, by its syntax, or out of sequence: each is a refused RCPT."""
+    run_dialog(mx, """
+        c: RCPT TO:<alice@example.test>
+        s: 503 5.5.1
+        c: EHLO counter.example.org
+        s: 250
+        c: MAIL FROM:<sender@example.org>
+        s: 250 2.1.0
+        c: RCPT TO:<someone@elsewhere.example>
+        s: 550 5.7.1
+        c: RCPT TO:<no closing bracket@example.test
+        s: 501
+        c: RCPT TO:<alice@example.test> NOTIFY=SOMETIMES
+        s: 501 5.5.4
+        c: RCPT TO:<alice@example.test>
+        s: 250 2.1.5
+        c: QUIT
+        s: 221 2.0.0
+    """)
+    summary = srv.wait_for_event(
+        lambda e: e["id"] == 1109 and e["fields"].get("helo") == "counter.example.org")
+    assert (summary["fields"]["accepted"], summary["fields"]["refused"]) == (1, 4)
+    assert "rcpts=1/5" in summary["text"]

@@ -196,6 +196,28 @@ def test_group_commit_groups_concurrent_submissions(q: SqliteQueue) -> None:
     assert q.message_data(results[3][7]) == b"msg 3-7\r\n"
 
 
+def test_a_group_of_new_messages_is_inserted_whole_with_every_field_and_recipient_id(db: Path) -> None:
+    """The writer inserts a group's new messages in multi-row statements (more than one
+    statement's worth here); each message reads back exactly as submitted, and the ids that
+    submit_with_ids gives are its recipients' ids in the message's order."""
+    with SqliteQueue(db, group_wait=0.3) as queue:
+        msgs = [message(f"body {n}\r\n".encode(), client_port=n,
+                        recipients=tuple(recipient(f"r{n}-{k}@example.org", notify=("SUCCESS", "DELAY")[: k % 3])
+                                         for k in range(1 + n % 4)))
+                for n in range(150)]
+        futures = [queue.submit_with_ids(m) if n % 2 else queue.submit(m) for n, m in enumerate(msgs)]
+        results = [f.result(timeout=30) for f in futures]
+        assert queue.stats()["transactions"] <= 3, "the messages were not grouped"
+        for n, (m, result) in enumerate(zip(msgs, results)):
+            qid, ids = result if n % 2 else (result, None)
+            stored = queue.get(qid)
+            assert queue.message_data(qid) == m.data and stored.client_port == n
+            assert [r.address for r in stored.recipients] == [r.address for r in m.recipients]
+            assert [r.notify for r in stored.recipients] == [r.notify for r in m.recipients]
+            if ids is not None:
+                assert ids == [r.id for r in stored.recipients]
+
+
 def test_group_commit_groups_sessions_that_wait_for_their_reply(db: Path) -> None:
     """Like SMTP sessions: each thread waits for its 250 before sending the next message."""
     with SqliteQueue(db, group_wait=0.02) as queue:

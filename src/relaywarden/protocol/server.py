@@ -146,6 +146,7 @@ class Refused:
     kind: str        # "smuggling", "size", "line-length", "recipients", "syntax", "sequence",
                      # "too-many-errors", "pipelining-before-starttls", "non-ascii", "auth"
     detail: str = ""
+    command: str = ""  # the command it answered, when a command line was read ("RCPT", ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +186,7 @@ class SmtpServer:
         self._bdat_open = False                  # a BDAT chunk was taken in this transaction
         self._bdat_skip: tuple[Reply, State] | None = None   # refused BDAT: reply and state to go back to
         self._chunks = bytearray()
+        self._verb = ""                          # the command being answered (for Refused)
 
     @property
     def state(self) -> State:
@@ -330,7 +332,7 @@ class SmtpServer:
     def _error(self, reply: Reply, kind: str | None = None, detail: str = "") -> None:
         self._reply(reply)
         if kind:
-            self._events.append(Refused(reply, kind, detail))
+            self._events.append(Refused(reply, kind, detail, self._verb))
         self.errors += 1
         if self.errors >= self.opt.max_errors and self._state is not State.CLOSED:
             self._reply(status.too_many_errors())
@@ -387,6 +389,7 @@ class SmtpServer:
         return None
 
     def _command(self, raw: bytes) -> None:
+        self._verb = ""
         if not raw.endswith(b"\r\n") or b"\r" in raw[:-2]:
             self._error(status.syntax_error("lines must end with CRLF, and CR or LF alone is not allowed"), "syntax")
             return
@@ -401,6 +404,7 @@ class SmtpServer:
             return
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
+        self._verb = verb if verb in KNOWN else ""
         if not text.isascii() and not self._utf8_allowed(verb, arg):
             self._error(status.non_ascii_command(), "non-ascii")
             return

@@ -283,7 +283,7 @@ class SmtpSession(asyncio.Protocol):
             self.transport.write(out)
 
     def _refused(self, ev: core.Refused) -> None:
-        self.refused += 1 if ev.kind == "recipients" else 0
+        self.refused += 1 if ev.command == "RCPT" else 0     # syntax, sequence, limit: a refused RCPT
         self.last_refusal = str(ev.reply)
         event = _REFUSAL_EVENTS.get(ev.kind)
         if ev.kind == "auth" and ev.reply.code == 538:
