@@ -147,3 +147,26 @@ def test_ids_rung_by_another_process_start_at_once_and_anything_else_asks_for_a_
         asyncio.run(run())
         assert q.get(qid) is None                                       # delivered to the mailbox
         assert list((tmp_path / "mail").rglob("new/*")), "the message reached the Maildir"
+
+
+def test_a_full_runner_takes_the_waiting_mail_as_slots_free_not_at_the_next_poll(tmp_path):
+    """Twelve messages for a runner that takes four at a time, with a poll a minute away: each
+    freed slot looks for the mail left waiting, and all of it is delivered at once."""
+    loaded = parse_text(default_text() + "\n[delivery]\nmax_concurrency = 1\npoll_interval = 60\n", "busy.toml")
+    events: list = []
+    with SqliteQueue(tmp_path / "queue.sqlite") as q:
+        ids = [q.submit(_message("postmaster@example.test")).result() for _ in range(12)]
+
+        async def run():
+            runner = QueueRunner(loaded=loaded, queue=q, directory=lambda: Directory.build(loaded),
+                                 emit=lambda event, **kw: events.append((int(event), kw)), resolver=None,
+                                 data_dir=tmp_path, hostname="mx.test")
+            runner.start()
+            for _ in range(200):
+                if q.count() == 0:
+                    break
+                await asyncio.sleep(0.05)
+            await runner.close()
+        asyncio.run(run())
+        assert q.count() == 0 and all(q.get(i) is None for i in ids)
+        assert len(list((tmp_path / "mail").rglob("new/*"))) == 12

@@ -74,6 +74,9 @@ class QueueRunner:
         self._in_flight: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
+        # mail was left for a scan because the runner was full: a freed slot should look for it
+        self._backlog = False
+        self._routes: dict[str, RouteChoice] = {}       # destination domain -> its route
         # longer than any one delivery can take: every host of a route tried with its timeouts
         self.lease_seconds = 4 * (self.cfg.connect_timeout + 2 * self.cfg.command_timeout + 600.0)
         self._stopping = False
@@ -97,7 +100,7 @@ class QueueRunner:
         for queue_id in queue_ids:
             if (self._stopping or not _QUEUE_ID.fullmatch(queue_id) or queue_id in self._in_flight
                     or len(self._in_flight) >= self.cfg.max_concurrency * 4):
-                scan = True
+                scan = self._backlog = True
                 continue
             self._start(queue_id)
         if scan or not queue_ids:
@@ -107,6 +110,7 @@ class QueueRunner:
         """A message this process has just committed: start on it at once, from memory (no
         queue scan, no read back). When the runner is busy, the next poll finds it instead."""
         if self._stopping or queue_id in self._in_flight or len(self._in_flight) >= self.cfg.max_concurrency * 4:
+            self._backlog = True
             self.wake()
             return
         recipients = tuple(
@@ -152,14 +156,21 @@ class QueueRunner:
         """Start deliveries for everything due now; returns how many messages were started."""
         room = self.cfg.max_concurrency * 4 - len(self._in_flight)
         if room <= 0:
+            self._backlog = True
             return 0
+        self._backlog = False
         due = await asyncio.to_thread(self.queue.due, time.time(), room + len(self._in_flight))
         started = 0
         for queue_id, recipients in due:
             if queue_id in self._in_flight or not recipients:
                 continue
+            if len(self._in_flight) >= self.cfg.max_concurrency * 4:
+                self._backlog = True            # more is due than the runner takes at once
+                break
             self._start(queue_id)
             started += 1
+        if started >= room:
+            self._backlog = True                # every slot taken: more may be due
         return started
 
     def _start(self, queue_id: str, preloaded: tuple[QueuedMessage, bytes] | None = None) -> None:
@@ -177,8 +188,8 @@ class QueueRunner:
                 self.emit(EventId.QUEUE_ERROR, message_id=queue_id,
                           text=f"delivery of {queue_id} failed internally: {type(exc).__name__}: {exc}; it stays queued",
                           operation="deliver", error=str(exc))
-            if not self._stopping:
-                self._wake.set()   # a slot is free
+            if not self._stopping and self._backlog:
+                self._wake.set()   # a slot is free, and mail waits for one
         return done
 
     # --- one message -----------------------------------------------------------------------------
@@ -267,7 +278,11 @@ class QueueRunner:
                 local.append(r)
                 continue
             domain = r.domain
-            choice = resolve_route(self.loaded, domain)
+            choice = self._routes.get(domain)
+            if choice is None:
+                if len(self._routes) >= 4096:
+                    self._routes.clear()        # many domains: keep the table small
+                choice = self._routes[domain] = resolve_route(self.loaded, domain)
             if r.route and r.route != choice.name:
                 # the route the decision chose at RCPT time wins (internal-relay's own route)
                 named = next((x for x in self.loaded.config.route if x.name == r.route), None)
