@@ -386,6 +386,32 @@ def test_pool_sends_again_when_the_reused_session_was_dropped_silently():
     assert seen[1] == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"]
 
 
+def test_pool_keeps_at_most_max_idle_sessions_in_all():
+    """Mail to many destinations must not keep a connection open to each: past ``max_idle``
+    idle sessions in all, a session says QUIT after its message instead of waiting."""
+    async def run() -> tuple[list[AttemptResult], list[list[list[bytes]]], int, int]:
+        seen: list[list[list[bytes]]] = [[], [], []]
+        peers = [await _scripted_peer(seen[n], _ordinary) for n in range(3)]
+        async with SessionPool(idle_timeout=30, max_idle=2) as pool:
+            results = [await pool.deliver("127.0.0.1", port, helo="relay.example.test", sender="a@example.test",
+                                          recipients=[OutRcpt("b@example.org")], data=BODY, tls="none", timeout=5)
+                       for _, port in peers]
+            idle, tables = pool.idle_count(), len(pool._idle)
+            again = await pool.deliver("127.0.0.1", peers[0][1], helo="relay.example.test", sender="a@example.test",
+                                       recipients=[OutRcpt("c@example.org")], data=BODY, tls="none", timeout=5)
+            results.append(again)
+            tables_after = sum(1 for sessions in pool._idle.values() if sessions)   # no empty entries
+        for server, _ in peers:
+            server.close()
+            await server.wait_closed()
+        return results, seen, idle, tables * 10 + tables_after
+
+    results, seen, idle, tables = asyncio.run(run())
+    assert all(r.all_delivered for r in results) and results[-1].reused
+    assert idle == 2 and tables == 22                # two destinations hold an idle session each
+    assert seen[2] == [[b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"]]     # the third did not stay
+
+
 # --- connection trouble -----------------------------------------------------------------------------
 
 def test_connection_refused_is_a_temporary_connect_failure():

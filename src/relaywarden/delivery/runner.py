@@ -65,7 +65,8 @@ class QueueRunner:
         self.hostname = hostname
         self.helo = self.cfg.helo_name or hostname
         self.mail_root = Path(self.cfg.mailbox_root) if self.cfg.mailbox_root else Path(data_dir) / "mail"
-        self.pool = SessionPool(max_idle_per_destination=self.cfg.max_per_destination)
+        self.pool = SessionPool(max_idle_per_destination=self.cfg.max_per_destination,
+                                max_idle=self.cfg.max_concurrency)
         self.timeouts = Timeouts(connect=self.cfg.connect_timeout, command=self.cfg.command_timeout,
                                  data=max(self.cfg.command_timeout, 600.0))
         self._total = asyncio.Semaphore(self.cfg.max_concurrency)

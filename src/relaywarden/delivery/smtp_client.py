@@ -322,14 +322,19 @@ class SessionPool:
     """Reuses sessions per destination (host, port, TLS policy, user).
 
     After a message a session that is still healthy waits idle for the next message to the same
-    destination; before reuse it is checked with RSET (a session the peer closed meanwhile is
-    replaced by a new one, which costs the message nothing).  Idle sessions are closed with QUIT
-    after ``idle_timeout`` seconds, after ``max_messages`` messages, and by ``close()``.
+    destination. It is taken again without RSET when its last transaction ended with the reply to
+    its end of data, with RSET otherwise; a session the peer closed meanwhile is replaced by a new
+    one, which costs the message nothing. At most ``max_idle_per_destination`` sessions wait per
+    destination and ``max_idle`` in all (mail to many domains must not keep as many connections
+    open); idle sessions are closed with QUIT after ``idle_timeout`` seconds, after
+    ``max_messages`` messages, and by ``close()``.
     """
 
-    def __init__(self, *, idle_timeout: float = 5.0, max_idle_per_destination: int = 4, max_messages: int = 100):
+    def __init__(self, *, idle_timeout: float = 5.0, max_idle_per_destination: int = 4, max_messages: int = 100,
+                 max_idle: int = 100):
         self.idle_timeout = idle_timeout
         self.max_idle_per_destination = max_idle_per_destination
+        self.max_idle = max_idle
         self.max_messages = max_messages
         self._idle: dict[tuple[str, int, str, str | None], list[_Session]] = {}
         self._timers: dict[_Session, asyncio.TimerHandle] = {}
@@ -370,6 +375,8 @@ class SessionPool:
         sessions = self._idle.get(dest.key, [])
         while sessions:
             session = sessions.pop()
+            if not sessions:
+                del self._idle[dest.key]            # no table entry per destination ever seen
             timer = self._timers.pop(session, None)
             if timer is not None:
                 timer.cancel()
@@ -389,12 +396,12 @@ class SessionPool:
     async def _release(self, dest: _Destination, session: _Session | None) -> None:
         if session is None:
             return
-        sessions = self._idle.setdefault(dest.key, [])
+        sessions = self._idle.get(dest.key, [])
         if (self._closed or not session.client.ready or session.messages >= self.max_messages
-                or len(sessions) >= self.max_idle_per_destination):
+                or len(sessions) >= self.max_idle_per_destination or len(self._timers) >= self.max_idle):
             await _finish_session(session)
             return
-        sessions.append(session)
+        self._idle.setdefault(dest.key, sessions).append(session)
         loop = asyncio.get_running_loop()
         self._timers[session] = loop.call_later(self.idle_timeout, self._expire, dest.key, session)
 
@@ -404,6 +411,8 @@ class SessionPool:
         sessions = self._idle.get(key, [])
         if session in sessions:
             sessions.remove(session)
+            if not sessions:
+                del self._idle[key]
             task = asyncio.get_running_loop().create_task(_finish_session(session))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
