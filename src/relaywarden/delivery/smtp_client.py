@@ -136,7 +136,9 @@ class _Session:
             return True
         try:
             self.writer.write(out)
-            if self.writer.transport.get_write_buffer_size():   # not all sent at once: wait
+            # Wait only when the write did not all go out at once; over TLS always (asyncio's
+            # TLS transport does not count what the socket underneath still holds).
+            if self.tls is not None or self.writer.transport.get_write_buffer_size():
                 async with asyncio.timeout(timeout):
                     await self.writer.drain()
         except (TimeoutError, asyncio.TimeoutError):

@@ -374,6 +374,7 @@ class SmtpServer:
                 if len(self._in) > limit:
                     if not self._discard_line:
                         self._discard_line = True
+                        self._verb = ""             # not the previous command's refusal
                         self._error(status.line_too_long(limit), "line-length")
                     self._in.clear()
                 return None
@@ -383,6 +384,7 @@ class SmtpServer:
                 self._discard_line = False
                 continue
             if len(raw) > limit:
+                self._verb = ""
                 self._error(status.line_too_long(limit), "line-length")
                 continue
             return raw

@@ -102,9 +102,20 @@ class ListenerRuntime:
 
 
 class Doorbell:
-    """How accepting workers tell the delivery process that new mail is queued: a datagram on a
-    UNIX socket in the data directory, holding the new message's queue id. Best effort: a lost
-    ring only delays delivery to the next ``delivery.poll_interval``."""
+    """How accepting workers tell the delivery process that new mail is queued: datagrams on a
+    UNIX socket in the data directory (``delivery.sock``) holding the new messages' queue ids,
+    one per line; an empty line asks for a scan of the queue.
+
+    An accepting worker sends the ids of one event-loop turn together. A datagram the socket
+    cannot take now (the receiver's queue is short: ``net.unix.max_dgram_qlen``, 10 by default)
+    is sent again a few milliseconds later; past 10 000 ids waiting, they are replaced by one
+    request for a scan. When no delivery process listens (it is starting again), the ids are
+    dropped: a delivery process scans the queue when it starts, and every
+    ``delivery.poll_interval``."""
+
+    MAX_DATAGRAM = 4096
+    MAX_WAITING = 10_000
+    RETRY = 0.005
 
     def __init__(self, data_dir: Path, listen=None):
         import socket as socketlib
@@ -113,32 +124,59 @@ class Doorbell:
         self.sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
         self.sock.setblocking(False)
         self.listening = listen is not None
+        self._loop = asyncio.get_running_loop()
+        self._waiting: list[str] = []
+        self._timer: asyncio.Handle | None = None
         if self.listening:
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
             self.sock.bind(self.path)
-            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._drain, listen)
+            self._loop.add_reader(self.sock.fileno(), self._drain, listen)
 
     def _drain(self, listen) -> None:
         rung: list[str] = []
         try:
-            while len(rung) < 10_000:
-                rung.append(self.sock.recv(64).decode("ascii", "replace"))
+            while len(rung) < 100_000:
+                rung.extend(self.sock.recv(65536).decode("ascii", "replace").split("\n"))
         except (BlockingIOError, OSError):
             pass
         listen(rung)
 
     def ring(self, queue_id: str = "") -> None:
-        try:
-            self.sock.sendto(queue_id.encode("ascii"), self.path)
-        except OSError:
-            pass        # no delivery process yet, or its socket is full: the poll will find the mail
+        """Say that ``queue_id`` is queued (no id: scan the queue); sent at the end of this turn."""
+        if self._waiting[:1] == [""]:
+            return                                  # a scan is asked for already: it finds this one too
+        self._waiting.append(queue_id)
+        if len(self._waiting) > self.MAX_WAITING:
+            self._waiting = [""]                    # too many to name: ask for a scan instead
+        if self._timer is None:
+            self._timer = self._loop.call_soon(self._send)
+
+    def _send(self) -> None:
+        self._timer = None
+        while self._waiting:
+            take, size = 0, 0
+            while take < len(self._waiting) and size + len(self._waiting[take]) + 1 <= self.MAX_DATAGRAM:
+                size += len(self._waiting[take]) + 1
+                take += 1
+            try:
+                self.sock.sendto("\n".join(self._waiting[:max(take, 1)]).encode("ascii"), self.path)
+            except BlockingIOError:                 # its queue is full: again in a moment
+                self._timer = self._loop.call_later(self.RETRY, self._send)
+                return
+            except OSError:                         # nobody listens now: its start scans the queue
+                self._waiting.clear()
+                return
+            del self._waiting[:max(take, 1)]
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.listening:
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
 
