@@ -170,3 +170,38 @@ def test_a_full_runner_takes_the_waiting_mail_as_slots_free_not_at_the_next_poll
         asyncio.run(run())
         assert q.count() == 0 and all(q.get(i) is None for i in ids)
         assert len(list((tmp_path / "mail").rglob("new/*"))) == 12
+
+
+def test_a_delay_notice_and_the_mark_that_it_went_out_are_one_write(tmp_path):
+    """The notice, the deferral and "delay warned" go in one transaction (a crash between a
+    notice and its bookkeeping would send it twice); the next deferral sends none."""
+    from dataclasses import replace as dc_replace
+
+    from relaywarden.queue.model import DeliveryResult
+    events: list = []
+    with SqliteQueue(tmp_path / "queue.sqlite") as q:
+        old = dc_replace(_message("someone@remote.example"), received_at=time.time() - 6 * 3600)
+        qid = q.submit(old).result()
+        runner = _runner(q, tmp_path, events)
+        calls = []
+        real = q.finish_later
+
+        def spy(*args, **kwargs):
+            calls.append(kwargs)
+            return real(*args, **kwargs)
+        q.finish_later = spy
+        later = DeliveryResult(451, "4.3.0", "mx.remote.example", "192.0.2.7", "try again later", "RCPT", False)
+
+        async def attempt():
+            message = q.get(qid)
+            await runner._finish(message, q.message_data(qid), [(message.recipients[0], later)], [])
+        asyncio.run(attempt())
+        [(notice_id, rcpts)] = [(m, r) for m, r in q.due(time.time() + 10, 10) if m != qid]
+        assert rcpts[0].address == "someone@example.org" and b"delayed" in q.message_data(notice_id).lower()
+        [r] = q.recipients(qid)
+        assert r.state == "deferred" and r.delay_warned and r.last_result.reply_code == 451
+        assert len(calls) == 1 and len(calls[0]["notices"]) == 1 and calls[0]["delay_warned"] == [r.id]
+
+        asyncio.run(attempt())                                   # deferred again: no second notice
+        assert len([m for m, _ in q.due(time.time() + 10**6, 10)]) == 2
+        assert len(calls) == 2 and calls[1]["notices"] == [] and calls[1]["delay_warned"] == []

@@ -252,22 +252,31 @@ class QueueRunner:
                     result = _expired(result, self.cfg.max_lifetime)
             outcome[r.id] = (result, next_at)
             self._event_for(message, r, result, next_at)
-        for action, recipients in successes:
-            await self._send_notice(message, data, [], [], action, now, succeeded=recipients)
+        # Success notices (NOTIFY=SUCCESS) and a delay notice are queued in the same transaction
+        # as the bookkeeping that says they went out: a crash in between cannot send one twice.
+        notices = [n for n in (self._notice(message, data, [], [], action, now, succeeded=recipients)
+                               for action, recipients in successes) if n is not None]
         after = [_after(r, outcome.get(r.id), now) for r in message.recipients]
         # Bookkeeping after delivery is not fsynced on its own (durable=False): a power loss may
         # undo it, and the message is then delivered again, never lost (like Postfix's unlink).
         if all(r.state == "delivered" for r in after):
-            await asyncio.wrap_future(self.queue.delete_later(message.id, durable=False))
+            ids = await asyncio.wrap_future(self.queue.finish_later(
+                message.id, notices=[n.message for n in notices], delete=True))
+            self._queued_notices(notices, ids)
             return True
         if all(r.state in ("delivered", "failed") for r in after):
-            return await self._bounce_and_remove(message, data, after, outcome, now)
-        await self._record(message, outcome, now)
+            return await self._bounce_and_remove(message, data, after, outcome, now, notices)
+        delayed: list[QueuedRecipient] = []
         if self.cfg.delay_warning is not None and now - message.received_at >= self.cfg.delay_warning:
             delayed = [r for r in after if r.state == "deferred" and not r.delay_warned]
-            if delayed:
-                await self._send_notice(message, data, [], delayed, "delayed", now)
-                await asyncio.wrap_future(self.queue.mark_delay_warned(message.id, [r.id for r in delayed]))
+            delay = self._notice(message, data, [], delayed, "delayed", now) if delayed else None
+            if delay is not None:
+                notices.append(delay)
+        ids = await asyncio.wrap_future(self.queue.finish_later(
+            message.id, notices=[n.message for n in notices], attempted_at=now,
+            results=[(rid, result, next_at) for rid, (result, next_at) in outcome.items()],
+            delay_warned=[r.id for r in delayed]))
+        self._queued_notices(notices, ids)
         return False
 
     def _groups(self, message: QueuedMessage, due: list[QueuedRecipient]) -> list[_Group]:
@@ -412,14 +421,9 @@ class QueueRunner:
         else:
             self.emit(EventId.DELIVERY_FAILED, text=f"delivery of {message.id} to <{r.address}> failed: {reply}", **common)
 
-    async def _record(self, message: QueuedMessage, outcome: dict[int, tuple[DeliveryResult, float | None]],
-                      now: float) -> None:
-        await asyncio.gather(*(asyncio.wrap_future(self.queue.record_attempt_later(
-            message.id, rid, result, next_attempt_at=next_at, attempted_at=now, durable=False))
-            for rid, (result, next_at) in outcome.items()))
-
     async def _bounce_and_remove(self, message: QueuedMessage, data: bytes, after: list[QueuedRecipient],
-                                 outcome: dict[int, tuple[DeliveryResult, float | None]], now: float) -> bool:
+                                 outcome: dict[int, tuple[DeliveryResult, float | None]], now: float,
+                                 successes: list = ()) -> bool:
         """Every recipient is final and some failed: the NDR is queued and the message removed in
         one transaction, so a failure in between can neither lose the NDR nor leave a message
         that nothing will ever pick up again."""
@@ -428,38 +432,44 @@ class QueueRunner:
         notice = build_notice(loaded=self.loaded, directory=self.directory(), hostname=self.hostname,
                               message=message, original=data, failed=failed, action="failed", now=now)
         try:
-            notice_id = await asyncio.wrap_future(
-                self.queue.replace_later(message.id, expected, notice.message if notice else None))
+            done = await asyncio.wrap_future(self.queue.replace_later(
+                message.id, expected, notice.message if notice else None, [n.message for n in successes]))
         except Exception as exc:
-            # Keep the message: the failed recipients are tried again later (and bounced then).
+            # Keep the message: the failed recipients are tried again later (and bounced then);
+            # the success notices go with the results that say whom they are for.
             retry = now + self.cfg.min_backoff
-            await self._record(message, {rid: (res, None) if res.delivered else (replace(res, permanent=False), retry)
-                                         for rid, (res, _) in outcome.items()}, now)
+            ids = await asyncio.wrap_future(self.queue.finish_later(
+                message.id, notices=[n.message for n in successes], attempted_at=now,
+                results=[(rid, res, None) if res.delivered else (rid, replace(res, permanent=False), retry)
+                         for rid, (res, _) in outcome.items()]))
+            self._queued_notices(list(successes), ids)
             self.emit(EventId.QUEUE_ERROR, message_id=message.id, text=(
                 f"the NDR for {message.id} could not be queued ({exc}); its failed recipients are kept and "
                 f"retried at {time.strftime('%H:%M:%S', time.gmtime(retry))} UTC"), operation="bounce", error=str(exc))
             return False
-        if notice_id is None:
+        if done is None:
             self.emit(EventId.QUEUE_ERROR, message_id=message.id, text=(
                 f"{message.id} changed in the queue while it was being delivered (an operator's hold, "
                 "delete, retry or bounce?); its results were not recorded"), operation="finish", error="changed")
             return False
-        if notice is not None:
-            log_notice(self.emit, notice, notice_id)
-            self.wake()
+        notice_id, success_ids = done
+        self._queued_notices(([notice] if notice is not None else []) + list(successes),
+                             ([notice_id] if notice is not None else []) + success_ids)
         return True
 
-    async def _send_notice(self, message: QueuedMessage, data: bytes, failed, delayed, action: str, now: float,
-                           *, succeeded=()) -> None:
-        notice = build_notice(loaded=self.loaded, directory=self.directory(), hostname=self.hostname,
-                              message=message, original=data, failed=failed, delayed=delayed,
-                              action=action, now=now, succeeded=succeeded,
-                              will_retry_until=message.received_at + self.cfg.max_lifetime if action == "delayed" else None)
-        if notice is None:
-            return
-        ndr_id = await asyncio.wrap_future(self.queue.submit(notice.message))
-        log_notice(self.emit, notice, ndr_id)
-        self.wake()
+    def _notice(self, message: QueuedMessage, data: bytes, failed, delayed, action: str, now: float,
+                *, succeeded=()):
+        """The DSN this attempt owes the sender (None when none is owed: NOTIFY, a null sender)."""
+        return build_notice(loaded=self.loaded, directory=self.directory(), hostname=self.hostname,
+                            message=message, original=data, failed=failed, delayed=delayed,
+                            action=action, now=now, succeeded=succeeded,
+                            will_retry_until=message.received_at + self.cfg.max_lifetime if action == "delayed" else None)
+
+    def _queued_notices(self, notices: list, ids: list[str]) -> None:
+        for notice, notice_id in zip(notices, ids):
+            log_notice(self.emit, notice, notice_id)
+        if notices:
+            self.wake()                         # deliver them now, not at the next poll
 
 
 def _after(r: QueuedRecipient, outcome: tuple[DeliveryResult, float | None] | None, now: float) -> QueuedRecipient:

@@ -424,6 +424,36 @@ class SqliteQueue(QueueBackend):
         return self._enqueue(_Write(
             lambda c: sum(c.execute(sql, (queue_id, rid)).rowcount for rid in recipient_ids)))
 
+    def finish_later(self, queue_id: str, *, notices: Sequence[MessageIn] = (), delete: bool = False,
+                     results: Sequence[tuple[int, DeliveryResult, float | None]] = (),
+                     attempted_at: float | None = None, delay_warned: Sequence[int] = ()
+                     ) -> concurrent.futures.Future[list[str]]:
+        """The queue runner's bookkeeping after an attempt, in one transaction: queue ``notices``
+        (success or delay DSNs), then delete the message, or record each ``(recipient id,
+        result, next attempt)`` and remember the recipients a delay notice went out for. The
+        future gives the notices' queue ids.
+
+        One transaction, so a crash can never leave a notice queued without the bookkeeping that
+        says it went out (it would go out again at the next attempt). Not fsynced on its own
+        (``_Write.durable``): a power loss may undo all of it, and the next attempt then
+        delivers and reports again, as it would after a crash during the delivery."""
+        ids = [self._new_id() for _ in notices]
+        when = time.time() if attempted_at is None else attempted_at
+        warned_sql = "UPDATE recipient SET delay_warned = 1 WHERE message_id = ? AND id = ?"
+
+        def apply(conn: sqlite3.Connection) -> list[str]:
+            for notice_id, notice in zip(ids, notices):
+                _insert(conn, notice_id, notice)
+            if delete:
+                conn.execute("DELETE FROM message WHERE id = ?", (queue_id,))
+                return ids
+            for recipient_id, result, next_attempt_at in results:
+                _update_recipient(conn, queue_id, recipient_id, result, next_attempt_at, when)
+            for recipient_id in delay_warned:
+                conn.execute(warned_sql, (queue_id, recipient_id))
+            return ids
+        return self._enqueue(_Write(apply, durable=False))
+
     def set_hold(self, queue_id: str, hold: bool) -> bool:
         sql = "UPDATE message SET hold = ? WHERE id = ?"
         return bool(self._wait(_Write(lambda c: c.execute(sql, (int(hold), queue_id)).rowcount)))
@@ -509,12 +539,23 @@ class SqliteQueue(QueueBackend):
                  for qid, rids, notice in replacements]
         return list(self._wait(_Write(lambda c: [_replace(c, *item) for item in items])))
 
-    def replace_later(self, queue_id: str, expected: Sequence[int], notice: MessageIn | None
-                      ) -> concurrent.futures.Future[str | None]:
-        """One ``replace_many`` item without waiting: queue ``notice`` (if any) and delete the
-        message in one transaction, when exactly ``expected`` recipients are still to deliver."""
+    def replace_later(self, queue_id: str, expected: Sequence[int], notice: MessageIn | None,
+                      also: Sequence[MessageIn] = ()) -> concurrent.futures.Future[str | None]:
+        """One ``replace_many`` item without waiting: queue ``notice`` (if any) and the notices
+        ``also`` (success DSNs of the same attempt) and delete the message in one transaction,
+        when exactly ``expected`` recipients are still to deliver. The future gives the notice's
+        queue id ("" without one) and those of ``also``, or None when nothing was done."""
         item = (queue_id, tuple(sorted(expected)), notice, self._new_id() if notice else "")
-        return self._enqueue(_Write(lambda c: _replace(c, *item, leased_ok=True)))   # the runner holds the lease
+        extra = [(self._new_id(), n) for n in also]
+
+        def apply(c: sqlite3.Connection) -> tuple[str, list[str]] | None:
+            done = _replace(c, *item, leased_ok=True)        # the runner holds the lease
+            if done is None:
+                return None
+            for notice_id, extra_notice in extra:
+                _insert(c, notice_id, extra_notice)
+            return done, [notice_id for notice_id, _ in extra]
+        return self._enqueue(_Write(apply))
 
     def set_max_pages(self, pages: int) -> int:
         """Change the size limit in database pages (the "disk" of a test); returns the limit
