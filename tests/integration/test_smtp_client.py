@@ -386,6 +386,32 @@ def test_pool_sends_again_when_the_reused_session_was_dropped_silently():
     assert seen[1] == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"]
 
 
+def test_the_fresh_resend_also_covers_a_message_with_a_recipient_refused_here():
+    """A recipient this side refuses (UTF-8 to a host without SMTPUTF8) does not keep the rest of
+    the message from going again on a new connection when the reused one died at MAIL."""
+    def drop_on_reuse(verb: bytes, connection: int, count: int) -> bytes | None:
+        if verb == b"MAIL" and connection == 0 and count == 2:
+            return None
+        return _ordinary(verb, connection, count)
+
+    async def run() -> tuple[AttemptResult, list[list[bytes]]]:
+        seen: list[list[bytes]] = []
+        server, port = await _scripted_peer(seen, drop_on_reuse)
+        kw = dict(helo="relay.example.test", sender="a@example.test", data=BODY, tls="none", timeout=5)
+        async with SessionPool(idle_timeout=5) as pool:
+            await pool.deliver("127.0.0.1", port, recipients=[OutRcpt("b@example.org")], **kw)
+            second = await pool.deliver("127.0.0.1", port, recipients=[OutRcpt("jürgen@example.org"),
+                                                                        OutRcpt("c@example.org")], **kw)
+        server.close()
+        await server.wait_closed()
+        return second, seen
+
+    second, seen = asyncio.run(run())
+    assert [(r.reply_code, r.enhanced_code, r.delivered) for r in second.results] == [
+        (None, "5.6.7", False), (250, "2.0.0", True)]
+    assert len(seen) == 2 and seen[1][:4] == [b"EHLO", b"MAIL", b"RCPT", b"DATA"]
+
+
 def test_pool_keeps_at_most_max_idle_sessions_in_all():
     """Mail to many destinations must not keep a connection open to each: past ``max_idle``
     idle sessions in all, a session says QUIT after its message instead of waiting."""

@@ -363,7 +363,8 @@ class SessionPool:
         session = await self._take_idle(dest)
         if session is not None:
             result = await _transaction(session, message, reused=True)
-            if result.session_failure and all(r.command == "MAIL" for r in result.results):
+            if result.session_failure and all(r.command == "MAIL" or (r.reply_code is None and r.permanent)
+                                              for r in result.results):
                 # The idle session had died (or said 421) before the server took anything:
                 # the message goes again at once on a new connection, no harm done.
                 await _finish_session(session)
