@@ -196,15 +196,19 @@ def test_group_commit_groups_concurrent_submissions(q: SqliteQueue) -> None:
     assert q.message_data(results[3][7]) == b"msg 3-7\r\n"
 
 
-def test_a_group_of_new_messages_is_inserted_whole_with_every_field_and_recipient_id(db: Path) -> None:
-    """The writer inserts a group's new messages in multi-row statements (more than one
-    statement's worth here); each message reads back exactly as submitted, and the ids that
-    submit_with_ids gives are its recipients' ids in the message's order."""
+@pytest.mark.parametrize("count", [20, 150])
+def test_a_group_of_new_messages_is_inserted_whole_with_every_field_and_recipient_id(db: Path, count: int) -> None:
+    """The writer inserts a group's new messages in one statement into the incoming_v1 view
+    (20: one statement's worth) or in multi-row statements per table (150); each message reads
+    back exactly as submitted, and the ids that submit_with_ids gives are its recipients' ids in
+    the message's order."""
     with SqliteQueue(db, group_wait=0.3) as queue:
-        msgs = [message(f"body {n}\r\n".encode(), client_port=n,
-                        recipients=tuple(recipient(f"r{n}-{k}@example.org", notify=("SUCCESS", "DELAY")[: k % 3])
+        assert queue._incoming, "this SQLite has JSON functions: the view is used"
+        msgs = [message(f"body {n}\r\n".encode(), client_port=n, helo=f"hélo-{n}", tls=None if n % 2 else "TLSv1.3 x",
+                        recipients=tuple(recipient(f"r{n}-{k}@exämple.org", notify=("SUCCESS", "DELAY")[: k % 3],
+                                                   orcpt=f"rfc822;o{k}@x.org" if k else None, route=None if k % 2 else "r")
                                          for k in range(1 + n % 4)))
-                for n in range(150)]
+                for n in range(count)]
         futures = [queue.submit_with_ids(m) if n % 2 else queue.submit(m) for n, m in enumerate(msgs)]
         results = [f.result(timeout=30) for f in futures]
         assert queue.stats()["transactions"] <= 3, "the messages were not grouped"
@@ -214,6 +218,10 @@ def test_a_group_of_new_messages_is_inserted_whole_with_every_field_and_recipien
             assert queue.message_data(qid) == m.data and stored.client_port == n
             assert [r.address for r in stored.recipients] == [r.address for r in m.recipients]
             assert [r.notify for r in stored.recipients] == [r.notify for r in m.recipients]
+            assert [(r.orcpt, r.route, r.original, r.verdict, r.decision_id) for r in stored.recipients] == [
+                (r.orcpt, r.route, r.original, r.verdict, r.decision_id) for r in m.recipients]
+            assert (stored.helo, stored.tls, stored.sender, stored.received_at) == (m.helo, m.tls, m.sender, m.received_at)
+            assert all(r.next_attempt_at == m.received_at and r.state == "pending" for r in stored.recipients)
             if ids is not None:
                 assert ids == [r.id for r in stored.recipients]
 
@@ -476,3 +484,18 @@ def test_reads_from_many_threads(q: SqliteQueue) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         assert list(pool.map(read, range(20))) == [f"{n}".encode() for n in range(20)]
+
+
+def test_without_the_incoming_view_new_messages_go_in_statement_by_statement(db: Path, monkeypatch) -> None:
+    """An SQLite without JSON functions cannot make the incoming_v1 view: the writer says so
+    and inserts with a statement per table; nothing else changes."""
+    from relaywarden.queue import store
+
+    monkeypatch.setattr(store, "INCOMING_SCHEMA", "CREATE VIEW broken AS SELECT json_nothing(FROM;")
+    with SqliteQueue(db, group_wait=0.2) as queue:
+        assert not queue._incoming
+        futures = [queue.submit_with_ids(message(f"m{n}".encode())) for n in range(10)]
+        for f in futures:
+            qid, ids = f.result(timeout=10)
+            assert queue.message_data(qid).startswith(b"m") and ids == [r.id for r in queue.recipients(qid)]
+        assert queue.count() == 10
