@@ -196,10 +196,11 @@ class MemorySampler(threading.Thread):
 class Relaywarden:
     """relaywarden serve in a child process on one plain-text listener."""
 
-    def __init__(self, root: Path, port: int, workers: int = 1):
+    def __init__(self, root: Path, port: int, workers: int = 1, launcher: list[str] | None = None):
         self.root = root
         self.port = port
         self.workers = workers
+        self.launcher = launcher or [sys.executable, "-m", "relaywarden"]   # what runs `serve`
         self.data_dir = root / "data"
         self.config = root / "relaywarden.toml"
         self.output = root / "relaywarden.out"
@@ -211,7 +212,7 @@ class Relaywarden:
                                                                 workers=self.workers))
         with open(self.output, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relaywarden", "serve", "--config", str(self.config),
+                [*self.launcher, "serve", "--config", str(self.config),
                  "--data-dir", str(self.data_dir)], stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:
