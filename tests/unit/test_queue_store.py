@@ -499,3 +499,16 @@ def test_without_the_incoming_view_new_messages_go_in_statement_by_statement(db:
             qid, ids = f.result(timeout=10)
             assert queue.message_data(qid).startswith(b"m") and ids == [r.id for r in queue.recipients(qid)]
         assert queue.count() == 10
+
+
+def test_a_committed_group_succeeds_even_when_its_recipient_ids_cannot_be_read(db: Path, monkeypatch) -> None:
+    """After the commit nothing may fail the writes (the client would be told 451 and send the
+    message again): ids that cannot be read come back as None."""
+    from relaywarden.queue import store
+
+    def broken(conn, queue_ids):
+        raise sqlite3.OperationalError("disk I/O error")
+    with SqliteQueue(db) as queue:
+        monkeypatch.setattr(store, "_recipient_ids", broken)
+        qid, ids = queue.submit_with_ids(message(b"kept")).result(timeout=10)
+        assert ids is None and queue.message_data(qid) == b"kept"

@@ -205,3 +205,60 @@ def test_a_delay_notice_and_the_mark_that_it_went_out_are_one_write(tmp_path):
         asyncio.run(attempt())                                   # deferred again: no second notice
         assert len([m for m, _ in q.due(time.time() + 10**6, 10)]) == 2
         assert len(calls) == 2 and calls[1]["notices"] == [] and calls[1]["delay_warned"] == []
+
+
+def test_when_a_notice_cannot_be_queued_the_results_still_are(tmp_path):
+    """A full disk may refuse the delay notice; the attempt's results must go in anyway (a
+    delivered recipient left pending would be delivered again at every poll), and the delay
+    notice, not marked as sent, is tried again next time."""
+    from dataclasses import replace as dc_replace
+
+    from relaywarden.queue.model import DeliveryResult, RecipientIn
+    events: list = []
+    with SqliteQueue(tmp_path / "queue.sqlite") as q:
+        two = dc_replace(_message("a@remote.example"), received_at=time.time() - 6 * 3600, recipients=(
+            RecipientIn("a@remote.example", "<a@remote.example>", None, (), "relay", "default", "d1"),
+            RecipientIn("b@remote.example", "<b@remote.example>", None, (), "relay", "default", "d2")))
+        qid = q.submit(two).result()
+        real = q.finish_later
+
+        def no_room_for_notices(queue_id, **kwargs):
+            if kwargs.get("notices"):
+                raise QueueFull("database or disk is full")
+            return real(queue_id, **kwargs)
+        q.finish_later = no_room_for_notices
+        runner = _runner(q, tmp_path, events)
+        ok = DeliveryResult(250, "2.0.0", "mx.remote.example", "192.0.2.7", "queued", "END-OF-DATA", False)
+        later = DeliveryResult(451, "4.3.0", "mx.remote.example", "192.0.2.7", "try again later", "RCPT", False)
+
+        async def attempt():
+            message = q.get(qid)
+            a, b = message.recipients
+            await runner._finish(message, q.message_data(qid), [(a, ok), (b, later)], [])
+        asyncio.run(attempt())
+        a, b = q.recipients(qid)
+        assert a.state == "delivered" and b.state == "deferred" and not b.delay_warned
+        assert q.count() == 1, "no notice was queued"
+        assert any(e == 3002 and kw.get("operation") == "notice" for e, kw in events)
+
+
+def test_success_notices_are_owed_even_when_the_message_changed_meanwhile(tmp_path):
+    with SqliteQueue(tmp_path / "queue.sqlite") as q:
+        qid = q.submit(_message("postmaster@example.test")).result()
+        notice = _message("someone@example.org")
+        done, extra = q.replace_later(qid, [999], None, [notice]).result()     # 999: not what is left
+        assert done is None and q.get(qid) is not None                          # the message left alone
+        assert len(extra) == 1 and q.get(extra[0]) is not None                  # the notice queued
+
+
+def test_a_message_whose_recipient_ids_are_unknown_is_left_to_the_scan(tmp_path):
+    with SqliteQueue(tmp_path / "queue.sqlite") as q:
+        msg = _message("postmaster@example.test")
+        qid = q.submit(msg).result()
+
+        async def run():
+            runner = _runner(q, tmp_path, [])
+            runner.offer(qid, None, msg)
+            assert not runner._in_flight and runner._wake.is_set() and runner._backlog
+            await runner.pool.close()
+        asyncio.run(run())

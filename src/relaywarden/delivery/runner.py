@@ -30,7 +30,7 @@ from ..config.schema import Delivery
 from ..directory import Directory
 from ..dsn.notify import build_notice, log_notice
 from ..events import EventId
-from ..queue.model import DeliveryResult, MessageIn, QueuedMessage, QueuedRecipient
+from ..queue.model import DeliveryResult, MessageIn, QueuedMessage, QueuedRecipient, QueueError, QueueFull
 from ..queue.store import SqliteQueue
 from .maildir import MaildirError, deliver_local
 from .mx import NextHopError
@@ -107,10 +107,12 @@ class QueueRunner:
         if scan or not queue_ids:
             self.wake()
 
-    def offer(self, queue_id: str, recipient_ids: list[int], msg: MessageIn) -> None:
+    def offer(self, queue_id: str, recipient_ids: list[int] | None, msg: MessageIn) -> None:
         """A message this process has just committed: start on it at once, from memory (no
         queue scan, no read back). When the runner is busy, the next poll finds it instead."""
-        if self._stopping or queue_id in self._in_flight or len(self._in_flight) >= self.cfg.max_concurrency * 4:
+        if (self._stopping or queue_id in self._in_flight or len(self._in_flight) >= self.cfg.max_concurrency * 4
+                or recipient_ids is None or len(recipient_ids) != len(msg.recipients)):
+            # busy, or the recipients' ids could not be read back: a scan finds the message
             self._backlog = True
             self.wake()
             return
@@ -144,12 +146,12 @@ class QueueRunner:
 
     async def _loop(self) -> None:
         while not self._stopping:
+            self._wake.clear()          # before the scan: a wake during it means "look again"
             try:
                 await self.run_once()
             except Exception as exc:   # keep running: the next poll tries again
                 self.emit(EventId.QUEUE_ERROR, text=f"queue runner: {type(exc).__name__}: {exc}",
                           operation="scan", error=str(exc))
-            self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.cfg.poll_interval)
 
@@ -260,9 +262,7 @@ class QueueRunner:
         # Bookkeeping after delivery is not fsynced on its own (durable=False): a power loss may
         # undo it, and the message is then delivered again, never lost (like Postfix's unlink).
         if all(r.state == "delivered" for r in after):
-            ids = await asyncio.wrap_future(self.queue.finish_later(
-                message.id, notices=[n.message for n in notices], delete=True))
-            self._queued_notices(notices, ids)
+            await self._finish_write(message, notices, delete=True)
             return True
         if all(r.state in ("delivered", "failed") for r in after):
             return await self._bounce_and_remove(message, data, after, outcome, now, notices)
@@ -272,12 +272,29 @@ class QueueRunner:
             delay = self._notice(message, data, [], delayed, "delayed", now) if delayed else None
             if delay is not None:
                 notices.append(delay)
-        ids = await asyncio.wrap_future(self.queue.finish_later(
-            message.id, notices=[n.message for n in notices], attempted_at=now,
-            results=[(rid, result, next_at) for rid, (result, next_at) in outcome.items()],
-            delay_warned=[r.id for r in delayed]))
-        self._queued_notices(notices, ids)
+        await self._finish_write(message, notices, attempted_at=now, delay_warned=[r.id for r in delayed],
+                                 results=[(rid, result, next_at) for rid, (result, next_at) in outcome.items()])
         return False
+
+    async def _finish_write(self, message: QueuedMessage, notices: list, *, delay_warned: list[int] = (),
+                            **bookkeeping) -> None:
+        """``finish_later`` with the notices; when they cannot be queued (a full disk), the
+        bookkeeping goes in without them: a delivered recipient must never be delivered again
+        for want of room for a notice. A delay notice not sent is not marked, and is tried again
+        at the next attempt; a success notice not sent is logged as lost."""
+        try:
+            ids = await asyncio.wrap_future(self.queue.finish_later(
+                message.id, notices=[n.message for n in notices], delay_warned=delay_warned, **bookkeeping))
+        except (QueueFull, QueueError) as exc:
+            if not notices:
+                raise
+            await asyncio.wrap_future(self.queue.finish_later(message.id, **bookkeeping))
+            self.emit(EventId.QUEUE_ERROR, message_id=message.id, text=(
+                f"{len(notices)} notice(s) for {message.id} could not be queued ({exc}); its delivery results "
+                "are recorded without them (a delay notice is tried again at the next attempt)"),
+                operation="notice", error=str(exc))
+            return
+        self._queued_notices(notices, ids)
 
     def _groups(self, message: QueuedMessage, due: list[QueuedRecipient]) -> list[_Group]:
         local: list[QueuedRecipient] = []
@@ -438,23 +455,22 @@ class QueueRunner:
             # Keep the message: the failed recipients are tried again later (and bounced then);
             # the success notices go with the results that say whom they are for.
             retry = now + self.cfg.min_backoff
-            ids = await asyncio.wrap_future(self.queue.finish_later(
-                message.id, notices=[n.message for n in successes], attempted_at=now,
-                results=[(rid, res, None) if res.delivered else (rid, replace(res, permanent=False), retry)
-                         for rid, (res, _) in outcome.items()]))
-            self._queued_notices(list(successes), ids)
+            await self._finish_write(message, list(successes), attempted_at=now, results=[
+                (rid, res, None) if res.delivered else (rid, replace(res, permanent=False), retry)
+                for rid, (res, _) in outcome.items()])
             self.emit(EventId.QUEUE_ERROR, message_id=message.id, text=(
                 f"the NDR for {message.id} could not be queued ({exc}); its failed recipients are kept and "
                 f"retried at {time.strftime('%H:%M:%S', time.gmtime(retry))} UTC"), operation="bounce", error=str(exc))
             return False
-        if done is None:
+        notice_id, success_ids = done
+        self._queued_notices(list(successes), success_ids)      # owed either way: they got the mail
+        if notice_id is None:
             self.emit(EventId.QUEUE_ERROR, message_id=message.id, text=(
                 f"{message.id} changed in the queue while it was being delivered (an operator's hold, "
                 "delete, retry or bounce?); its results were not recorded"), operation="finish", error="changed")
             return False
-        notice_id, success_ids = done
-        self._queued_notices(([notice] if notice is not None else []) + list(successes),
-                             ([notice_id] if notice is not None else []) + success_ids)
+        if notice is not None:
+            self._queued_notices([notice], [notice_id])
         return True
 
     def _notice(self, message: QueuedMessage, data: bytes, failed, delayed, action: str, now: float,

@@ -585,14 +585,15 @@ class SqliteQueue(QueueBackend):
         """One ``replace_many`` item without waiting: queue ``notice`` (if any) and the notices
         ``also`` (success DSNs of the same attempt) and delete the message in one transaction,
         when exactly ``expected`` recipients are still to deliver. The future gives the notice's
-        queue id ("" without one) and those of ``also``, or None when nothing was done."""
+        queue id ("" without one; None when the message had changed and was left alone) and the
+        queue ids of ``also``, which are queued either way."""
         item = (queue_id, tuple(sorted(expected)), notice, self._new_id() if notice else "")
         extra = [(self._new_id(), n) for n in also]
 
-        def apply(c: sqlite3.Connection) -> tuple[str, list[str]] | None:
+        def apply(c: sqlite3.Connection) -> tuple[str | None, list[str]]:
             done = _replace(c, *item, leased_ok=True)        # the runner holds the lease
-            if done is None:
-                return None
+            # the success notices are owed even when the message changed meanwhile: those
+            # recipients did get the mail
             for notice_id, extra_notice in extra:
                 _insert(c, notice_id, extra_notice)
             return done, [notice_id for notice_id, _ in extra]
@@ -929,7 +930,7 @@ def _apply_group(
     and the rest of the group fail with that error: one retry at most per group.
     """
     # The commonest case: only new messages, and few enough for one statement into the view.
-    if incoming and len(live) <= _ROWS_PER_STATEMENT and all(
+    if incoming and len(live) <= _INCOMING_ROWS and all(
             w.insert is not None and w.insert[1].recipients for w in live):
         try:
             _busy_retry(lambda: conn.execute(
@@ -940,7 +941,13 @@ def _apply_group(
                 conn.execute("ROLLBACK")
             # something in the group is wrong: the statements below tell which write it is
         else:
-            ids = _recipient_ids(conn, [w.insert[0] for w in live if w.insert[2]])
+            # Committed: from here on nothing may fail the writes (a client told 451 would send
+            # again what is queued). Ids that cannot be read are None: the runner scans instead.
+            wanted = [w.insert[0] for w in live if w.insert[2]]
+            try:
+                ids: dict[str, list[int] | None] = dict(_recipient_ids(conn, wanted))
+            except sqlite3.Error:
+                ids = dict.fromkeys(wanted)
             return [(w, (w.insert[0], ids[w.insert[0]]) if w.insert[2] else w.insert[0]) for w in live], []
     # Then: every write applies, and no SAVEPOINT is spent on any of them.
     begin_immediate(conn, busy_timeout)
@@ -989,6 +996,7 @@ _INSERT_MESSAGE = ("INSERT INTO message (id, sender, received_at, listener, clie
 _INSERT_RECIPIENT = ("INSERT INTO recipient (message_id, position, address, domain, original, orcpt, notify,"
                      " verdict, route, decision_id, next_attempt_at) VALUES ")
 _ROWS_PER_STATEMENT = 60          # 16 columns x 60 rows stays under SQLite's 999 host parameters
+_INCOMING_ROWS = 999 // 17        # the view has 17 columns: 58 rows
 
 
 def _insert_many(conn: sqlite3.Connection, writes: list[_Write]) -> dict[int, Any]:
