@@ -262,3 +262,19 @@ def test_a_message_whose_recipient_ids_are_unknown_is_left_to_the_scan(tmp_path)
             assert not runner._in_flight and runner._wake.is_set() and runner._backlog
             await runner.pool.close()
         asyncio.run(run())
+
+
+def test_a_rung_id_already_being_delivered_asks_for_no_scan(tmp_path):
+    """A scan may start a message before its doorbell ring arrives; the ring must not ask for
+    another scan (each would find the next messages before their rings, and so on)."""
+    with SqliteQueue(tmp_path / "queue.sqlite") as q:
+        qid = q.submit(_message("postmaster@example.test")).result()
+
+        async def run():
+            runner = _runner(q, tmp_path, [])
+            runner._in_flight.add(qid)
+            runner.offer_ids([qid])
+            assert not runner._wake.is_set() and not runner._backlog
+            runner._in_flight.discard(qid)
+            await runner.pool.close()
+        asyncio.run(run())

@@ -99,7 +99,9 @@ class QueueRunner:
         runner, an id that does not look like one) is left to a scan."""
         scan = False
         for queue_id in queue_ids:
-            if (self._stopping or not _QUEUE_ID.fullmatch(queue_id) or queue_id in self._in_flight
+            if queue_id in self._in_flight:
+                continue                        # a scan found it first: nothing more to look for
+            if (self._stopping or not _QUEUE_ID.fullmatch(queue_id)
                     or len(self._in_flight) >= self.cfg.max_concurrency * 4):
                 scan = self._backlog = True
                 continue
