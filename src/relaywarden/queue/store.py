@@ -459,12 +459,6 @@ class SqliteQueue(QueueBackend):
                    durable=durable)
         )
 
-    def mark_delay_warned(self, queue_id: str, recipient_ids: list[int]) -> concurrent.futures.Future[int]:
-        """Remember that a delay DSN went out for these recipients (sent once per recipient)."""
-        sql = "UPDATE recipient SET delay_warned = 1 WHERE message_id = ? AND id = ?"
-        return self._enqueue(_Write(
-            lambda c: sum(c.execute(sql, (queue_id, rid)).rowcount for rid in recipient_ids)))
-
     def finish_later(self, queue_id: str, *, notices: Sequence[MessageIn] = (), delete: bool = False,
                      results: Sequence[tuple[int, DeliveryResult, float | None]] = (),
                      attempted_at: float | None = None, delay_warned: Sequence[int] = ()
