@@ -173,19 +173,20 @@ for seq in range(5000):
                     body_type="7BIT", smtputf8=False, dsn_ret=None, dsn_envid=None, session_id="s")
     qid = q.submit(msg).result(timeout=30)                         # durable (synchronous = FULL)
     print("queued", qid, flush=True)
+    # the runner's bookkeeping (finish_later: synchronous = NORMAL), as after a delivery
     if seq % 2:
-        q.delete_later(qid, durable=False).result(timeout=30)      # bookkeeping (synchronous = NORMAL)
+        q.finish_later(qid, delete=True).result(timeout=30)
         print("deleted", qid, flush=True)
     else:
         rid = q.recipients(qid)[0].id
-        q.record_attempt_later(qid, rid, DeliveryResult(451, "4.3.0", "h", None, "later", "RCPT", False),
-                               next_attempt_at=time.time() + 60, durable=False).result(timeout=30)
+        later = DeliveryResult(451, "4.3.0", "h", None, "later", "RCPT", False)
+        q.finish_later(qid, results=[(rid, later, time.time() + 60)]).result(timeout=30)
         print("deferred", qid, flush=True)
 """
 
 
 def test_bookkeeping_commits_survive_sigkill_and_durable_ones_stay_durable(tmp_path: Path) -> None:
-    """The runner's non-fsynced bookkeeping (durable=False) is still committed to the WAL before
+    """The runner's non-fsynced bookkeeping (finish_later) is still committed to the WAL before
     its future resolves: a killed process keeps it. Mixed with durable commits, nothing is lost."""
     db = tmp_path / "queue.sqlite"
     child = subprocess.Popen([sys.executable, "-c", BOOKKEEPING_CHILD, str(db)], stdout=subprocess.PIPE, text=True)

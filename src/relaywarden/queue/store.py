@@ -437,27 +437,9 @@ class SqliteQueue(QueueBackend):
         next_attempt_at: float | None,
         attempted_at: float | None = None,
     ) -> bool:
-        return bool(self.record_attempt_later(
-            queue_id, recipient_id, result, next_attempt_at=next_attempt_at,
-            attempted_at=attempted_at).result())
-
-    def record_attempt_later(
-        self,
-        queue_id: str,
-        recipient_id: int,
-        result: DeliveryResult,
-        *,
-        next_attempt_at: float | None,
-        attempted_at: float | None = None,
-        durable: bool = True,
-    ) -> concurrent.futures.Future[int]:
-        """Like record_attempt, without waiting: the future resolves after the commit.
-        ``durable=False``: see ``_Write.durable`` (the queue runner's own bookkeeping)."""
         when = time.time() if attempted_at is None else attempted_at
-        return self._enqueue(
-            _Write(lambda conn: _update_recipient(conn, queue_id, recipient_id, result, next_attempt_at, when),
-                   durable=durable)
-        )
+        return bool(self._wait(_Write(
+            lambda conn: _update_recipient(conn, queue_id, recipient_id, result, next_attempt_at, when))))
 
     def finish_later(self, queue_id: str, *, notices: Sequence[MessageIn] = (), delete: bool = False,
                      results: Sequence[tuple[int, DeliveryResult, float | None]] = (),
@@ -494,13 +476,8 @@ class SqliteQueue(QueueBackend):
         return bool(self._wait(_Write(lambda c: c.execute(sql, (int(hold), queue_id)).rowcount)))
 
     def delete(self, queue_id: str) -> bool:
-        return bool(self.delete_later(queue_id).result())
-
-    def delete_later(self, queue_id: str, *, durable: bool = True) -> concurrent.futures.Future[int]:
-        """Like delete, without waiting: the future resolves after the commit.
-        ``durable=False`` for a message whose delivery is complete (see ``_Write.durable``)."""
         sql = "DELETE FROM message WHERE id = ?"
-        return self._enqueue(_Write(lambda c: c.execute(sql, (queue_id,)).rowcount, durable=durable))
+        return bool(self._wait(_Write(lambda c: c.execute(sql, (queue_id,)).rowcount)))
 
     def lease_later(self, queue_id: str, until: float, now: float) -> concurrent.futures.Future[bool]:
         """Take the delivery lease of a message that is not held and not leased (or whose lease
