@@ -356,6 +356,7 @@ class SmtpServer:
             elif self._state is State.TLS:
                 return
             else:
+                self._verb = ""             # until a command line is read, no command is answered
                 line = self._read_line()
                 if line is None:
                     return
@@ -374,7 +375,6 @@ class SmtpServer:
                 if len(self._in) > limit:
                     if not self._discard_line:
                         self._discard_line = True
-                        self._verb = ""             # not the previous command's refusal
                         self._error(status.line_too_long(limit), "line-length")
                     self._in.clear()
                 return None
@@ -384,14 +384,12 @@ class SmtpServer:
                 self._discard_line = False
                 continue
             if len(raw) > limit:
-                self._verb = ""
                 self._error(status.line_too_long(limit), "line-length")
                 continue
             return raw
         return None
 
     def _command(self, raw: bytes) -> None:
-        self._verb = ""
         if not raw.endswith(b"\r\n") or b"\r" in raw[:-2]:
             self._error(status.syntax_error("lines must end with CRLF, and CR or LF alone is not allowed"), "syntax")
             return
