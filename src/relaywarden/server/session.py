@@ -87,7 +87,8 @@ class SmtpSession(asyncio.Protocol):
         limits = rt.limits
         self.core = core.SmtpServer(rt.options(tls_active=self.tls_info is not None))
         # Counted first, then compared (both counts include this connection): two workers
-        # taking the last place at the same moment may both refuse, never both accept.
+        # taking the last place at the same moment will mostly both refuse; only if each reads
+        # the other's count before it lands can both accept (server/limits.py).
         rt.client_counted(self.client[0], +1)
         active, from_client = rt.active(), rt.from_client(self.client[0])
         if active > limits.max_connections or from_client > limits.max_connections_per_client:
