@@ -184,3 +184,56 @@ def test_orcpt_never_yields_control_characters(text: str) -> None:
         result = _try(parse_orcpt, value)
         if result is not None:
             assert not any(ord(char) < 32 or ord(char) == 127 for char in result[1])
+
+
+# --- the fast path for plain mailboxes agrees with the full parser -------------------------------
+
+from relaywarden.protocol import address as address_module  # noqa: E402
+
+_LOCAL_TEXT = st.text(alphabet="abcXYZ019-+=_#~{}/'`", min_size=1, max_size=8)
+_LABEL_TEXT = st.text(alphabet="abcXYZ019-", min_size=1, max_size=8)
+SIMPLE_LOCAL = st.lists(st.one_of(
+    _LOCAL_TEXT, _LOCAL_TEXT, _LOCAL_TEXT, _LOCAL_TEXT, st.just("."),
+    st.sampled_from(["%", "!", '"', " ", "é", "\x00", "@", "a" * 30])), min_size=1, max_size=5).map("".join)
+SIMPLE_LABEL = st.one_of(
+    _LABEL_TEXT, _LABEL_TEXT, _LABEL_TEXT, _LABEL_TEXT,
+    st.sampled_from(["xn--", "XN--", "xn--bcher-kva", "a" * 61, "b" * 62, "c" * 63, "d" * 64, "1", "00", "",
+                     "-a", "a-", "é", "_", "[1.2.3.4]", "a b"]))
+SIMPLE_DOMAIN = st.lists(SIMPLE_LABEL, min_size=1, max_size=5).map(".".join)
+CLEAN_MAILBOXES = st.tuples(
+    st.lists(_LOCAL_TEXT, min_size=1, max_size=3).map(".".join),
+    st.lists(st.one_of(_LABEL_TEXT, _LABEL_TEXT, _LABEL_TEXT, st.sampled_from(["b" * 62, "c" * 63, "d" * 64])),
+             min_size=1, max_size=4).map(".".join)).map("@".join)
+SIMPLE_MAILBOXES = st.one_of(CLEAN_MAILBOXES, CLEAN_MAILBOXES, st.tuples(SIMPLE_LOCAL, SIMPLE_DOMAIN).map("@".join),
+                             st.lists(st.sampled_from(["a", "@", ".", "b", "%"]), min_size=1, max_size=8).map("".join))
+
+
+@settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(SIMPLE_MAILBOXES, st.booleans())
+def test_plain_mailbox_fast_path_equals_the_full_parser(text: str, utf8: bool) -> None:
+    fast = address_module._simple_mailbox(text)
+    original = address_module._simple_mailbox
+    address_module._simple_mailbox = lambda _text: None
+    try:
+        full = address_module._parse_mailbox(text, address_module.RECIPIENT_SYNTAX, utf8)
+    except AddressError:
+        full = None
+    finally:
+        address_module._simple_mailbox = original
+    if fast is not None:        # whatever the fast path accepts, the full parser accepts alike
+        assert full == fast, (text, full, fast)
+
+
+@given(st.sampled_from(["user@example.test", "First.Last+tag@Mail.Example.ORG", "a@b", "x-1@a-1.b-2.c",
+                        "o'brien@example.com", "~{x}@x" + ".y" * 3]))
+def test_plain_mailbox_fast_path_takes_the_common_addresses(text: str) -> None:
+    fast = address_module._simple_mailbox(text)
+    assert fast is not None and fast.domain == text.split("@")[1].lower() and fast.routing is None
+
+
+@given(st.sampled_from(["a%b@example.test", "a!b@example.test", "a@xn--bcher-kva.example", "a@XN--bcher-kva.example",
+                        "a@1.2.3.4", "a@example.123", "a@-x.test", "a@x-.test", "a..b@x", ".a@x", "a.@x",
+                        '"a"@x', "a@" + "b" * 64 + ".test", "a" * 65 + "@x", "a@[192.0.2.1]", "é@x.test",
+                        "a@x..test", "a@x.test.", "a@@x"]))
+def test_plain_mailbox_fast_path_leaves_the_rest_to_the_parser(text: str) -> None:
+    assert address_module._simple_mailbox(text) is None
