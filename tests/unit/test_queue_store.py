@@ -537,3 +537,99 @@ def test_a_committed_group_succeeds_even_when_its_recipient_ids_cannot_be_read(d
         monkeypatch.setattr(store, "_recipient_ids", broken)
         qid, ids = queue.submit_with_ids(message(b"kept")).result(timeout=10)
         assert ids is None and queue.message_data(qid) == b"kept"
+
+
+# --- submit_to: completions reported to an event loop, one call per group ------------------------
+
+
+def test_submit_to_reports_each_message_on_the_loop_thread_one_call_per_group(db: Path) -> None:
+    async def main() -> tuple[list, int, set]:
+        loop = asyncio.get_running_loop()
+        calls = 0
+        threads: set[int] = set()
+        original = loop.call_soon_threadsafe
+
+        def counting(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            return original(*args, **kwargs)
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        results: list = [None] * 40
+        finished = asyncio.Event()
+
+        def done(n: int, result, exc) -> None:
+            threads.add(threading.get_ident())
+            results[n] = (result, exc)
+            if all(r is not None for r in results):
+                finished.set()
+        # group_wait gathers the 40 writes into few groups
+        with SqliteQueue(db, group_wait=0.05) as queue:
+            for n in range(40):
+                queue.submit_to(loop, message(f"m{n}".encode()), lambda r, e, n=n: done(n, r, e),
+                                with_ids=n % 2 == 1)
+            await asyncio.wait_for(finished.wait(), 30)
+            transactions = queue.stats()["transactions"]
+        assert calls == transactions < 40
+        return results, calls, threads
+
+    results, calls, threads = asyncio.run(main())
+    assert threads == {threading.get_ident()}           # asyncio.run's loop runs in this thread
+    assert all(exc is None for _, exc in results)
+    ids = [r if n % 2 == 0 else r[0] for n, (r, _) in enumerate(results)]
+    assert len(set(ids)) == 40
+    for n, (result, _) in enumerate(results):
+        if n % 2 == 1:
+            queue_id, recipient_ids = result
+            assert len(recipient_ids) == 1 and isinstance(recipient_ids[0], int)
+
+
+def test_submit_to_reports_failures_and_a_closed_queue(db: Path) -> None:
+    async def main() -> list:
+        loop = asyncio.get_running_loop()
+        outcomes: list = []
+        got = asyncio.Event()
+
+        def done(result, exc) -> None:
+            outcomes.append((result, exc))
+            got.set()
+        with SqliteQueue(db, max_pages=60) as queue:
+            for _ in range(200):                      # until the database is full
+                got.clear()
+                queue.submit_to(loop, message(b"x" * 4000), done)
+                await asyncio.wait_for(got.wait(), 10)
+                if outcomes[-1][1] is not None:
+                    break
+        got.clear()
+        queue.submit_to(loop, message(), done)        # closed now
+        await asyncio.wait_for(got.wait(), 10)
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert all(exc is None and isinstance(result, str) for result, exc in outcomes[:-2])
+    assert outcomes[-2][0] is None and isinstance(outcomes[-2][1], QueueFull)
+    assert outcomes[-1][0] is None and isinstance(outcomes[-1][1], QueueError)
+
+
+def test_submit_to_a_failing_callback_does_not_stop_the_others(db: Path) -> None:
+    async def main() -> tuple[list, list]:
+        loop = asyncio.get_running_loop()
+        errors: list = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        seen: list = []
+        finished = asyncio.Event()
+
+        def done(n: int, result, exc) -> None:
+            seen.append(n)
+            if len(seen) == 6:
+                finished.set()
+            if n == 0:
+                raise RuntimeError("a session's own bug")
+        with SqliteQueue(db, group_wait=0.05) as queue:
+            for n in range(6):
+                queue.submit_to(loop, message(), lambda r, e, n=n: done(n, r, e))
+            await asyncio.wait_for(finished.wait(), 30)
+        return seen, errors
+
+    seen, errors = asyncio.run(main())
+    assert sorted(seen) == list(range(6))
+    assert len(errors) == 1 and isinstance(errors[0]["exception"], RuntimeError)

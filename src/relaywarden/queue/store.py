@@ -24,6 +24,7 @@ import ipaddress
 import json
 import queue as stdlib_queue
 import re
+import sys
 import sqlite3
 import threading
 import time
@@ -189,6 +190,64 @@ class _Write:
     insert: tuple[str, MessageIn, bool] | None = None
 
 
+class LoopCompletion:
+    """The outcome of one write, handed to a callback on an asyncio event loop: what the SMTP
+    server waits on before its 250. Cheaper than a ``concurrent.futures.Future`` wrapped for
+    the loop (a Condition per write, two futures, a cross-thread call per write): the writer
+    thread reports every completion of a group to each loop with one ``call_soon_threadsafe``.
+    ``callback(result, exc)`` runs in the loop's thread; exactly one of the two is None."""
+
+    __slots__ = ("loop", "callback", "result", "exc", "state")
+
+    def __init__(self, loop: Any, callback: Callable[[Any, BaseException | None], None]) -> None:
+        self.loop = loop
+        self.callback = callback
+        self.result: Any = None
+        self.exc: BaseException | None = None
+        self.state = 0                  # 0 pending, 1 running, 2 done, 3 reported
+
+    # the part of the Future protocol that the writer uses
+    def set_running_or_notify_cancel(self) -> bool:
+        self.state = 1
+        return True
+
+    def running(self) -> bool:
+        return self.state == 1
+
+    def done(self) -> bool:
+        return self.state >= 2
+
+    def set_result(self, result: Any) -> None:
+        self.result, self.state = result, 2
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.exc, self.state = exc, 2
+
+
+def _run_completions(completions: list[LoopCompletion]) -> None:
+    for completion in completions:
+        try:
+            completion.callback(completion.result, completion.exc)
+        except Exception:                       # one session's failure is not the others'
+            completion.loop.call_exception_handler({
+                "message": "queue completion callback failed", "exception": sys.exc_info()[1]})
+
+
+def _report(writes: Sequence[_Write]) -> None:
+    """Hand the finished LoopCompletions among ``writes`` to their loops, one call per loop."""
+    by_loop: dict[Any, list[LoopCompletion]] = {}
+    for write in writes:
+        done = write.future
+        if type(done) is LoopCompletion and done.state == 2:
+            done.state = 3
+            by_loop.setdefault(done.loop, []).append(done)
+    for loop, completions in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_run_completions, completions)
+        except RuntimeError:        # the loop is closed: nobody is waiting any more
+            pass
+
+
 _STOP = object()
 
 
@@ -339,6 +398,7 @@ class SqliteQueue(QueueBackend):
         with self._state_lock:
             if self._closed:
                 write.future.set_exception(QueueError("queue is closed"))
+                _report([write])
                 return write.future
             self._inbox.put(write)
         return write.future
@@ -407,6 +467,7 @@ class SqliteQueue(QueueBackend):
             write.future.set_result(result)
         for write, exc in failed:
             write.future.set_exception(_translate(exc))
+        _report(live)
 
     def _fail(self, group: list[_Write], exc: BaseException) -> None:
         with self._state_lock:
@@ -415,24 +476,37 @@ class SqliteQueue(QueueBackend):
             if not write.future.done():
                 if write.future.running() or write.future.set_running_or_notify_cancel():
                     write.future.set_exception(_translate(exc))
+        _report(group)
 
     # ------------------------------------------------------------------ writes
 
     def submit(self, msg: MessageIn) -> concurrent.futures.Future[str]:
-        queue_id = self._new_id()
-        return self._enqueue(_Write(lambda conn: _insert(conn, queue_id, msg), is_message=True,
-                                    insert=(queue_id, msg, False)))
+        return self._enqueue(self._message_write(msg, False))
 
     def submit_with_ids(self, msg: MessageIn) -> concurrent.futures.Future[tuple[str, list[int]]]:
         """Like submit; the future also gives the recipients' ids (in the message's order), so
         that the queue runner can start on the message at once, without reading it back."""
+        return self._enqueue(self._message_write(msg, True))
+
+    def submit_to(self, loop: Any, msg: MessageIn, callback: Callable[[Any, BaseException | None], None],
+                  *, with_ids: bool = False) -> None:
+        """Queue a message and call ``callback(result, exc)`` on ``loop`` once it is durable (or
+        has failed): ``result`` is what ``submit`` (or, ``with_ids``, ``submit_with_ids``) gives.
+        What the SMTP server uses: no Future per message (see LoopCompletion)."""
+        self._enqueue(self._message_write(msg, with_ids, LoopCompletion(loop, callback)))
+
+    def _message_write(self, msg: MessageIn, with_ids: bool, completion: LoopCompletion | None = None) -> _Write:
         queue_id = self._new_id()
 
-        def apply(conn: sqlite3.Connection) -> tuple[str, list[int]]:
+        def apply(conn: sqlite3.Connection) -> Any:
             _insert(conn, queue_id, msg)
+            if not with_ids:
+                return queue_id
             rows = conn.execute("SELECT id FROM recipient WHERE message_id = ? ORDER BY position", (queue_id,))
             return queue_id, [row[0] for row in rows]
-        return self._enqueue(_Write(apply, is_message=True, insert=(queue_id, msg, True)))
+        if completion is None:
+            return _Write(apply, is_message=True, insert=(queue_id, msg, with_ids))
+        return _Write(apply, completion, is_message=True, insert=(queue_id, msg, with_ids))  # type: ignore[arg-type]
 
     def record_attempt(
         self,

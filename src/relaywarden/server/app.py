@@ -192,6 +192,7 @@ class Server:
         self.listeners: list[ListenerRuntime] = []
         self.events: EventLog | None = None
         self.queue: SqliteQueue | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None   # the loop the sessions run on (set at start)
         self.users = UserStore(self.data_dir)
         self._users_mtime = -1
         self.directory = Directory()
@@ -250,6 +251,7 @@ class Server:
             self.emit(EventId.OPEN_RELAY_ALLOWED, text=(
                 f"OPEN RELAY: listener {p.listener} {p.message} ({p.where}); allowed only because "
                 f"server.allow_open_relay = true. Fix: {p.fix}"), listener=p.listener)
+        self.loop = asyncio.get_running_loop()
         self.queue = SqliteQueue(self.data_dir / "queue.sqlite")
         self.refresh_directory()
         loop = asyncio.get_running_loop()

@@ -407,21 +407,17 @@ class SmtpSession(asyncio.Protocol):
             client_port=self.client[1], helo=c.helo or "", auth_user=c.auth_user, tls=self.tls_info,
             session_id=self.id)
         try:
-            fut = srv.queue.submit_with_ids(msg) if srv.runner is not None else srv.queue.submit(msg)
+            srv.queue.submit_to(srv.loop, msg, lambda result, exc: self._queued(result, exc, msg),
+                                with_ids=srv.runner is not None)
         except Exception as exc:
             self._queued(None, exc, msg)
-            return
-        afut = asyncio.wrap_future(fut)
-        afut.add_done_callback(lambda f: self._queued(f, None, msg))
 
-    def _queued(self, fut, exc: BaseException | None, msg) -> None:
+    def _queued(self, result, exc: BaseException | None, msg) -> None:
         """The queue's answer: reply first (the client is owed it), then log and wake the runner.
         A message committed after its client went away is still queued, logged and delivered."""
-        if exc is None:
-            exc = fut.exception()
         open_ = self.core is not None and not self.core.closed
         if exc is None:
-            qid, recipient_ids = fut.result() if self.server.runner is not None else (fut.result(), None)
+            qid, recipient_ids = result if self.server.runner is not None else (result, None)
             if open_:
                 self.core.message_result(status.queued(qid))
             if self.server.runner is not None:
