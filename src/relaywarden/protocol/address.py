@@ -14,7 +14,8 @@ the real destination:
   numeric top-level labels and general address literals are refused;
 * address literals are parsed with :mod:`ipaddress` and normalised.
 
-Pure code: no I/O, linear-time scanning (the regular expressions have no nested repetition).  Any input
+Pure code: no I/O, linear-time scanning (the regular expressions are unambiguous and see at
+most 254 characters).  Any input
 string either parses or raises :class:`AddressError`.
 """
 

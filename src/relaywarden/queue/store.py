@@ -103,11 +103,12 @@ CREATE INDEX IF NOT EXISTS recipient_next_attempt ON recipient(next_attempt_at)
 """
 
 # Indexes that queues made before 2026-11-29 have and that go at open. Each cost every new message
-# a B-tree insert and a page in the WAL at every commit (together 30 % of the writer's CPU in
-# a queue benchmark: 205 -> 145 us per message with two processes) for little use: the operator's
-# selections compare sender and user COLLATE NOCASE (these indexes are BINARY) and list messages
-# in id order, recipients are found through (message_id, position), and the runner's scan and the
-# summary by domain read recipient_next_attempt. Only `queue ... --client ADDRESS` lost an index:
+# a B-tree insert and a page in the WAL at every commit (together about a fifth of the queue's CPU
+# per message: bench/queue_cpu.py --variants current,old-indexes, 199-227 -> 155-190 us with two
+# processes) for little use: the operator's selections compare sender and user COLLATE NOCASE
+# (these indexes are BINARY) and list messages in id order, recipients are found through
+# (message_id, position), and the runner's scan (DUE_SQL) and the summary by domain (shape) read
+# recipient_next_attempt, named with INDEXED BY. Only `queue ... --client ADDRESS` lost an index:
 # it reads the messages in order, as it does for a network.
 DROPPED_INDEXES = ("recipient_state", "recipient_domain", "message_sender", "message_auth_user",
                    "message_client_address")
@@ -234,18 +235,23 @@ def _run_completions(completions: list[LoopCompletion]) -> None:
 
 
 def _report(writes: Sequence[_Write]) -> None:
-    """Hand the finished LoopCompletions among ``writes`` to their loops, one call per loop."""
+    """Hand the finished LoopCompletions among ``writes`` to their loops, one call per loop.
+    Never raises: the writer thread goes on whatever a loop does."""
     by_loop: dict[Any, list[LoopCompletion]] = {}
     for write in writes:
         done = write.future
         if type(done) is LoopCompletion and done.state == 2:
-            done.state = 3
             by_loop.setdefault(done.loop, []).append(done)
     for loop, completions in by_loop.items():
         try:
             loop.call_soon_threadsafe(_run_completions, completions)
         except RuntimeError:        # the loop is closed: nobody is waiting any more
             pass
+        except Exception as exc:    # noqa: BLE001 - not a loop at all: say so, report the others
+            print(f"relaywarden: cannot report {len(completions)} queue write(s) to {loop!r}: {exc!r}",
+                  file=sys.stderr, flush=True)
+        for completion in completions:
+            completion.state = 3
 
 
 _STOP = object()
@@ -757,13 +763,7 @@ class SqliteQueue(QueueBackend):
         deferred) keyed by its domain; "user", "client", "sender", "listener" one pair per
         message keyed by that envelope fact ("" for none)."""
         where, params = selection.sql(time.time() if now is None else now)
-        if by == "domain":
-            sql = (f"SELECT r.domain, m.received_at FROM message m JOIN recipient r"
-                   f" ON r.message_id = m.id WHERE r.state IN ('pending', 'deferred') AND {where}")
-        elif by in _SHAPE_COLUMNS:
-            sql = f"SELECT coalesce({_SHAPE_COLUMNS[by]}, ''), m.received_at FROM message m WHERE {where}"
-        else:
-            raise ValueError(f"summary by {by!r}: use one of domain, {', '.join(_SHAPE_COLUMNS)}")
+        sql = shape_sql(by, where)
         with self._reading() as conn:
             return [(row[0], row[1]) for row in conn.execute(sql, params)]
 
@@ -788,6 +788,18 @@ DUE_SQL = ("SELECT r.message_id, min(r.next_attempt_at) AS first_due"
            " WHERE r.state IN ('pending', 'deferred') AND r.next_attempt_at <= ?"
            "   AND m.hold = 0 AND (m.lease_until IS NULL OR m.lease_until <= ?)"
            " GROUP BY r.message_id ORDER BY first_due, r.message_id LIMIT ?")
+
+
+def shape_sql(by: str, where: str) -> str:
+    """The query behind ``SqliteQueue.shape`` for a WHERE clause over ``message m``."""
+    if by == "domain":
+        # INDEXED BY, as in DUE_SQL: only the recipients still to deliver are read
+        return (f"SELECT r.domain, m.received_at FROM message m JOIN recipient r"
+                f" INDEXED BY recipient_next_attempt"
+                f" ON r.message_id = m.id WHERE r.state IN ('pending', 'deferred') AND {where}")
+    if by in _SHAPE_COLUMNS:
+        return f"SELECT coalesce({_SHAPE_COLUMNS[by]}, ''), m.received_at FROM message m WHERE {where}"
+    raise ValueError(f"summary by {by!r}: use one of domain, {', '.join(_SHAPE_COLUMNS)}")
 
 
 # ---------------------------------------------------------------------- operator selection
