@@ -237,3 +237,21 @@ def test_plain_mailbox_fast_path_takes_the_common_addresses(text: str) -> None:
                         "a@x..test", "a@x.test.", "a@@x"]))
 def test_plain_mailbox_fast_path_leaves_the_rest_to_the_parser(text: str) -> None:
     assert address_module._simple_mailbox(text) is None
+
+
+PATH_PIECES = st.one_of(
+    st.sampled_from(["<", ">", '"', "\\", " ", "a", "@", "b.example", "SIZE=10", "=", "<>", '"a>b"', "x" * 120]),
+    st.text(alphabet='ab@.<> "\\=', min_size=1, max_size=5))
+
+
+def _outcome(split, arg: str):
+    try:
+        return split(arg, address_module.RECIPIENT_SYNTAX)
+    except AddressError as exc:
+        return exc.reply()
+
+
+@FUZZ
+@given(st.lists(PATH_PIECES, min_size=1, max_size=10).map("".join))
+def test_path_split_fast_path_equals_the_scan(arg: str) -> None:
+    assert _outcome(address_module._split_path, arg) == _outcome(address_module._split_path_scan, arg), arg

@@ -527,6 +527,18 @@ def _parse_path_content(content: str, enhanced: str, allow_utf8: bool) -> Addres
 def _split_path(arg: str, enhanced: str) -> tuple[str, str]:
     """Split the command argument into the path content (between the angle
     brackets) and the parameter text after it."""
+    if arg[:1] == "<":          # the common case, without quotes: the first > ends the path
+        end = arg.find(">", 1, MAX_PATH + 1)
+        if end > 0 and '"' not in arg[1:end] and "<" not in arg[1:end]:
+            rest = arg[end + 1:]
+            if rest and rest[0] != " ":
+                raise _param_error("parameters must be separated from the address by a space")
+            return arg[1:end], rest
+    return _split_path_scan(arg, enhanced)
+
+
+def _split_path_scan(arg: str, enhanced: str) -> tuple[str, str]:
+    """``_split_path`` character by character: spaces before <, quoted > and every error."""
     start = 0
     length = len(arg)
     while start < length and arg[start] == " ":
