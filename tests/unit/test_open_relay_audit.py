@@ -131,8 +131,7 @@ def test_allow_open_relay_still_reports_the_fails():
 
 @pytest.mark.parametrize("entry,fragment", [
     ("0.0.0.0/4", "IPv4 /4"),
-    ("128.0.0.0/1", "IPv4 /1"),
-    ("2000::/3", "IPv6 /3"),
+    ("4000::/3", "IPv6 /3"),
     ("::ffff:0.0.0.0/100", "IPv4 /4"),
     ("net", "top-level domain"),
 ])
@@ -395,3 +394,45 @@ def test_explain_bad_sender_exits_two():
 def test_explain_missing_to_is_a_usage_error():
     result = run_explain("--listener", "mx", "--client", "192.0.2.1", "--from", "a@x.example")
     assert result.exit_code == 2
+
+
+# --- what the entries cover together ----------------------------------------------------------
+
+
+def _quoted(entries: list[str]) -> str:
+    return "entries = [" + ", ".join(f'"{e}"' for e in entries) + "]"
+
+
+@pytest.mark.parametrize("entries,fragment", [
+    (["0.0.0.0/1", "128.0.0.0/1"], "100.0 % of all IPv4"),
+    ([f"{n}.0.0.0/8" for n in range(256)], "100.0 % of all IPv4"),
+    ([f"{n}.0.0.0/8" for n in range(1, 224) if n not in (10, 127)], "of all IPv4"),   # every public /8
+    (["128.0.0.0/1"], "50.0 % of all IPv4"),
+    (["0.0.0.0/1", "::ffff:128.0.0.0/97"], "100.0 % of all IPv4"),                      # mapped counts as IPv4
+    (["2000::/3"], "100.0 % of the IPv6 Internet"),
+    (["2000::/4", "3000::/4"], "100.0 % of the IPv6 Internet"),
+])
+def test_entries_that_together_cover_half_the_internet_fail(entries, fragment):
+    text = devices(_quoted(entries))
+    loaded = parse_text(text, "relay.toml")
+    fails = check_startable(loaded)
+    assert len(fails) == 1, fails
+    assert fails[0].listener == "devices" and "open relay" in fails[0].message
+    assert fragment in fails[0].message
+    assert fails[0].where == f"relay.toml:{line_of(text, 'entries = [')}"
+    assert "relay.entries" in fails[0].fix
+
+
+@pytest.mark.parametrize("entries,fragment", [
+    (["10.0.0.0/9", "10.128.0.0/9", "11.0.0.0/8"], "as many as an IPv4 /7"),
+    (["2001::/17", "2001:8000::/17", "2002::/17", "2002:8000::/17", "2003::/17"], "IPv6 /15"),
+])
+def test_entries_that_together_are_broad_warn(entries, fragment):
+    text = devices(_quoted(entries))
+    (finding,) = audit(text)
+    assert finding.level == "warn" and fragment in finding.message
+    assert check_startable(parse_text(text, "relay.toml")) == []
+
+
+def test_small_lists_are_not_flagged_together():
+    assert audit(devices(_quoted(["192.0.2.0/24", "198.51.100.7", "2001:db8::/48", "10.0.0.0/8"]))) == []

@@ -27,6 +27,7 @@ WARN = "warn"
 _BROAD_IPV4 = 8
 _BROAD_IPV6 = 16
 _IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_IPV6_GLOBAL = ipaddress.ip_network("2000::/3")     # every global unicast address (RFC 4291 2.4)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,57 @@ def _relay_list_findings(loaded: LoadedConfig, index: int, listener: Listener) -
             f"replace {entry} in listener {name} relay.entries with the addresses or small "
             "networks of the machines that must relay",
         ))
+    if not any(f.level == FAIL for f in findings):
+        findings += _union_findings(name, relay.entries, where("relay", "entries"),
+                                    broad_entry=bool(findings))
     return findings
+
+
+def _union_findings(name: str, entries: list[str], where: str, broad_entry: bool) -> list[Finding]:
+    """What the relay entries cover together: two /1 entries, or 256 /8 entries, each narrow
+    enough on its own, open the listener to every IPv4 client as surely as 0.0.0.0/0."""
+    v4: list[ipaddress.IPv4Network] = []
+    v6: list[ipaddress.IPv6Network] = []
+    for entry in entries:
+        if not _is_network_entry(entry):
+            continue
+        net = ipaddress.ip_network(entry, strict=False)
+        if isinstance(net, ipaddress.IPv4Network):
+            v4.append(net)
+        elif net.subnet_of(_IPV4_MAPPED):        # a mapped client is matched as IPv4
+            v4.append(ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96)))
+        else:
+            v6.append(net)
+    covered4 = sum(n.num_addresses for n in ipaddress.collapse_addresses(v4))
+    covered6 = sum(_IPV6_GLOBAL.num_addresses if n.supernet_of(_IPV6_GLOBAL) else n.num_addresses
+                   for n in ipaddress.collapse_addresses(v6) if n.overlaps(_IPV6_GLOBAL))
+    count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+    fix = (f"list in listener {name} relay.entries only the addresses or small networks of the "
+           "machines that must relay; users should authenticate instead")
+    findings = []
+    if covered4 * 2 >= 2 ** 32:
+        findings.append(Finding(
+            FAIL, name, f"listener {name} is an open relay: its relay entries together ({count}) "
+            f"cover {_share(covered4, 2 ** 32)} of all IPv4 addresses", where, fix))
+    elif covered4 >= 2 ** (33 - _BROAD_IPV4) and not broad_entry:      # as much as one broad entry
+        findings.append(Finding(
+            WARN, name, f"listener {name} relay entries together ({count}) cover {covered4:,} IPv4 "
+            f"addresses ({_share(covered4, 2 ** 32)} of all), as many as an IPv4 /{_BROAD_IPV4 - 1}",
+            where, fix))
+    if covered6 * 2 >= _IPV6_GLOBAL.num_addresses:
+        findings.append(Finding(
+            FAIL, name, f"listener {name} is an open relay: its relay entries together ({count}) "
+            f"cover {_share(covered6, _IPV6_GLOBAL.num_addresses)} of the IPv6 Internet "
+            f"({_IPV6_GLOBAL}, every global unicast address)", where, fix))
+    elif covered6 >= 2 ** (129 - _BROAD_IPV6) and not broad_entry:
+        findings.append(Finding(
+            WARN, name, f"listener {name} relay entries together ({count}) cover as many IPv6 "
+            f"addresses as an IPv6 /{_BROAD_IPV6 - 1}", where, fix))
+    return findings
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f} %"
 
 
 def _breadth(entry: str) -> tuple[str, str] | None:
