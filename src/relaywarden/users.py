@@ -13,7 +13,7 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -111,30 +111,54 @@ class UserStore:
                 Path(tmp).unlink(missing_ok=True)
                 raise
 
-    def add(self, address: str, password: str | None, *, relay: bool = True, aliases: tuple[str, ...] = ()) -> UserRecord:
+    def add(self, address: str, password: str | None, *, relay: bool = True, aliases: tuple[str, ...] = (),
+            taken: dict[str, str] | None = None) -> UserRecord:
+        """Add a user. ``taken`` maps the lookup keys of addresses the configuration's mailboxes
+        own (their addresses and aliases) to the mailbox: the new user and its aliases may not
+        claim one, nor an address or alias of another user."""
         if "@" not in address:
             raise UserError(f"{address!r} is not an address (local@domain)")
+        for alias in aliases:
+            if "@" not in alias:
+                raise UserError(f"alias {alias!r} is not an address (local@domain)")
         with self._locked() as users:
             key = lookup_key(address)
             if key in users:
                 raise UserError(f"{address} already exists; use `relaywarden user passwd` to change its password")
+            owners = dict(taken or {})
+            for row in users.values():
+                for owned in (row["address"], *(row.get("aliases") or ())):
+                    owners.setdefault(lookup_key(owned), row["address"])
+            if key in owners and lookup_key(owners[key]) != key:
+                raise UserError(f"{address} is already an alias of mailbox {owners[key]}")
+            for alias in aliases:
+                owner = owners.get(lookup_key(alias))
+                if owner is not None or lookup_key(alias) == key:
+                    raise UserError(f"alias {alias} already belongs to mailbox {owner or address}; "
+                                    "an address can belong to one mailbox only")
             rec = UserRecord(address=address, password_hash=hash_password(password) if password else None,
                              enabled=True, relay=relay, aliases=tuple(aliases) if aliases else None)
             users[key] = _row(rec)
         return rec
 
-    def update(self, address: str, **changes) -> UserRecord:
+    def update(self, address: str, *, config_mailboxes: Iterable[str] | None = None, source: str = "",
+               **changes) -> UserRecord:
         """Set password_hash / enabled / relay on a user, creating an overlay row for a
-        configuration mailbox that has none yet."""
+        configuration mailbox that has none yet. With ``config_mailboxes`` (the configuration's
+        mailbox addresses, named ``source``), an address that is neither a user nor one of
+        them is refused: a mistyped address must not become a new account that may relay."""
         with self._locked() as users:
             key = lookup_key(address)
+            if (key not in users and config_mailboxes is not None
+                    and key not in {lookup_key(a) for a in config_mailboxes}):
+                raise UserError(
+                    f"{address} is neither a user in {self.path} nor a [[mailbox]] of {source or 'the configuration'}; "
+                    f"add it with `relaywarden user add {address}`, or pass --config FILE if it is a mailbox of "
+                    "the configuration the server runs")
             row = users.get(key) or {"address": address}
             row.update({k: v for k, v in changes.items()})
             users[key] = row
             return self._record(row)
-
-    def set_password(self, address: str, password: str) -> UserRecord:
-        return self.update(address, password_hash=hash_password(password))
 
 
 def _row(rec: UserRecord) -> dict:

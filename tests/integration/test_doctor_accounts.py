@@ -206,8 +206,10 @@ def test_login_after_a_burst_of_failed_logins(start_server, client_tls):
                            "its password may have been guessed")
     assert "login from 127.0.0.1 after 10 failed logins" in found.evidence[0]
     assert "127.0.0.1 x10" in found.evidence[0]
-    assert found.fix.startswith(f"relaywarden user suspend-relay bob@example.test --data-dir {srv.data_dir}; "
-                                f"relaywarden user passwd bob@example.test --data-dir {srv.data_dir}; ")
+    config = srv.config_path                     # the file the doctor read
+    assert found.fix.startswith(
+        f"relaywarden user suspend-relay bob@example.test --config {config} --data-dir {srv.data_dir}; "
+        f"relaywarden user passwd bob@example.test --config {config} --data-dir {srv.data_dir}; ")
 
     r = doctor_cli(srv, "--json")
     assert r.returncode == 2, r.stderr

@@ -5,7 +5,7 @@ import json
 from click.testing import CliRunner
 
 from relaywarden.cli.main import main
-from relaywarden.config.loader import load_config, load_default
+from relaywarden.config.loader import default_text, load_config, load_default
 from relaywarden.directory import Directory
 from relaywarden.users import UserStore, verify_password
 
@@ -67,3 +67,36 @@ def test_user_lifecycle(tmp_path):
 def test_an_unknown_user_never_verifies():
     # verify_password(None, ...) runs argon2 against a dummy hash (same cost) and is False
     assert verify_password(None, "anything") is False
+
+
+def test_changing_an_unknown_address_is_refused_and_creates_nothing(tmp_path):
+    d = str(tmp_path)
+    for args, stdin in ((("passwd", "nobody@example.test", "--password-stdin"), "x\n"),
+                        (("disable", "ghost@example.test"), None), (("enable", "ghost@example.test"), None),
+                        (("suspend-relay", "ghost@example.test"), None),
+                        (("enable-relay", "ghost@example.test"), None)):
+        result = CliRunner().invoke(main, ["user", *args, "--data-dir", d], input=stdin)
+        assert result.exit_code == 1, (args, result.output)
+        assert "neither a user" in result.output and "relaywarden user add" in result.output
+    assert UserStore(tmp_path).records() == []
+    # a mailbox of the configuration may be changed (an overlay row), also one of a --config file
+    assert run("user", "passwd", "postmaster@example.test", "--password-stdin", "--data-dir", d, input="pw\n").exit_code == 0
+    config = tmp_path / "rw.toml"
+    config.write_text(default_text().replace("postmaster@example.test", "carol@example.test"))
+    assert CliRunner().invoke(main, ["user", "disable", "carol@example.test", "--data-dir", d]).exit_code == 1
+    assert run("user", "disable", "carol@example.test", "--config", str(config), "--data-dir", d).exit_code == 0
+    assert {r.address for r in UserStore(tmp_path).records()} == {"postmaster@example.test", "carol@example.test"}
+
+
+def test_an_address_belongs_to_one_mailbox_only(tmp_path):
+    d = str(tmp_path)
+    assert run("user", "add", "bob@example.test", "--password", "x", "--alias", "b@example.test", "--data-dir", d).exit_code == 0
+    for args in (("eve@example.test", "--alias", "bob@example.test"),       # another user's address
+                 ("eve@example.test", "--alias", "B@example.test"),         # another user's alias
+                 ("eve@example.test", "--alias", "postmaster@example.test"),  # a configuration mailbox
+                 ("b@example.test",),                                       # an alias as a new user
+                 ("eve@example.test", "--alias", "eve@example.test")):      # its own address
+        result = CliRunner().invoke(main, ["user", "add", *args, "--password", "x", "--data-dir", d])
+        assert result.exit_code == 1 and ("belongs to mailbox" in result.output
+                                          or "already an alias of mailbox bob@example.test" in result.output), (args, result.output)
+    assert {r.address for r in UserStore(tmp_path).records()} == {"bob@example.test"}

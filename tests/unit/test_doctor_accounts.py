@@ -318,6 +318,18 @@ def test_command_names_the_data_dir_unless_it_is_the_default(tmp_path, monkeypat
     assert command(ctx, "user", "passwd", "alice@x") == "relaywarden user passwd alice@x"
 
 
+def test_user_commands_name_the_configuration_file_the_doctor_read(tmp_path, monkeypatch):
+    # `user passwd` refuses an address it does not know: the doctor's advice must let it see the
+    # configuration's mailboxes
+    monkeypatch.setenv("RELAYWARDEN_DATA", str(tmp_path))
+    path = tmp_path / "relaywarden.toml"
+    path.write_text(CONFIG)
+    ctx = make_ctx(tmp_path)
+    ctx.loaded = parse_text(CONFIG, str(path))
+    assert command(ctx, "user", "passwd", "alice@x") == f"relaywarden user passwd alice@x --config {path}"
+    assert command(ctx, "queue", "list") == "relaywarden queue list"
+
+
 # ------------------------------------------------------------------------------ the queue
 
 

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from ..config.document import render
 from ..config.loader import ConfigError, LoadedConfig, load_config, load_default
-from ..directory import Directory
+from ..directory import Directory, lookup_key
 from ..users import UserError, UserStore, hash_password
 
 DATA_ENV = "RELAYWARDEN_DATA"
@@ -110,42 +110,66 @@ def _password(given: str | None, stdin: bool) -> str:
     return click.prompt("Password", hide_input=True, confirmation_prompt=True)
 
 
+def _config_mailboxes(config_path: Path | None) -> tuple[LoadedConfig, dict[str, str]]:
+    """The configuration and every address its mailboxes own (lookup key -> mailbox)."""
+    loaded = load(config_path)
+    owned: dict[str, str] = {}
+    for mailbox in loaded.config.mailbox:
+        for address in (mailbox.address, *mailbox.aliases):
+            owned.setdefault(lookup_key(address), mailbox.address)
+    return loaded, owned
+
+
 @user.command("add")
 @click.argument("address")
 @click.option("--password", default=None, help="The password (prefer the prompt or --password-stdin).")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 @click.option("--no-relay", is_flag=True, help="Create the user without the relay right.")
 @click.option("--alias", "aliases", multiple=True, help="Another address of this mailbox (repeatable).")
+@config_option
 @data_dir_option
-def user_add(address: str, password: str | None, password_stdin: bool, no_relay: bool, aliases, data_dir: Path) -> None:
-    """Add a user (a mailbox that may authenticate)."""
+def user_add(address: str, password: str | None, password_stdin: bool, no_relay: bool, aliases,
+             config_path: Path | None, data_dir: Path) -> None:
+    """Add a user (a mailbox that may authenticate). Neither it nor its aliases may be an address
+    another mailbox owns (in the user database or in the configuration, --config)."""
+    _, owned = _config_mailboxes(config_path)
     try:
-        UserStore(data_dir).add(address, _password(password, password_stdin), relay=not no_relay, aliases=tuple(aliases))
+        UserStore(data_dir).add(address, _password(password, password_stdin), relay=not no_relay,
+                                aliases=tuple(aliases), taken=owned)
     except UserError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"added {address}")
+
+
+def _update(address: str, config_path: Path | None, data_dir: Path, **changes) -> None:
+    loaded, owned = _config_mailboxes(config_path)
+    primaries = [m.address for m in loaded.config.mailbox]
+    try:
+        UserStore(data_dir).update(address, config_mailboxes=primaries, source=loaded.file, **changes)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @user.command("passwd")
 @click.argument("address")
 @click.option("--password", default=None)
 @click.option("--password-stdin", is_flag=True)
+@config_option
 @data_dir_option
-def user_passwd(address: str, password: str | None, password_stdin: bool, data_dir: Path) -> None:
-    """Set a user's password."""
-    try:
-        UserStore(data_dir).set_password(address, _password(password, password_stdin))
-    except UserError as exc:
-        raise click.ClickException(str(exc)) from None
+def user_passwd(address: str, password: str | None, password_stdin: bool, config_path: Path | None,
+                data_dir: Path) -> None:
+    """Set the password of a user, or of a mailbox of the configuration (--config)."""
+    _update(address, config_path, data_dir, password_hash=hash_password(_password(password, password_stdin)))
     click.echo(f"password of {address} changed")
 
 
 def _flag_command(name: str, help_text: str, **change):
-    @user.command(name, help=help_text)
+    @user.command(name, help=help_text + " The address must be a user, or a mailbox of the configuration (--config).")
     @click.argument("address")
+    @config_option
     @data_dir_option
-    def cmd(address: str, data_dir: Path) -> None:
-        UserStore(data_dir).update(address, **change)
+    def cmd(address: str, config_path: Path | None, data_dir: Path) -> None:
+        _update(address, config_path, data_dir, **change)
         click.echo(f"{address}: {name} done")
     return cmd
 

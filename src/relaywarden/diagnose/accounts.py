@@ -71,8 +71,11 @@ def is_guest_name(address: str) -> bool:
 
 def command(ctx: Context, *args: str) -> str:
     """A ``relaywarden`` command line as the administrator types it, with ``--data-dir`` when
-    the doctor looked at another data directory than the commands would by default."""
+    the doctor looked at another data directory than the commands would by default, and
+    ``--config`` for the user commands when it read a configuration file."""
     words = ["relaywarden", *args]
+    if args[:1] == ("user",) and not ctx.loaded.file.startswith("<") and Path(ctx.loaded.file).is_file():
+        words += ["--config", ctx.loaded.file]    # the user commands check the configuration's mailboxes
     default = Path(os.environ.get("RELAYWARDEN_DATA") or "relaywarden-data")
     if default.resolve() != Path(ctx.data_dir).resolve():
         words += ["--data-dir", str(ctx.data_dir)]
