@@ -42,6 +42,15 @@ def errors(text: str) -> list[str]:
     (BASE + '[[route]]\nname = "r"\nkind = "smarthost"\n', 5, "route[0]", "needs hosts"),
     ('[[listener]]\nname = "mx"\nauth = ["PLAIN"]\ntls = "none"\n', 1, "listener[0]", "auth_plaintext"),
     ('[[listener]]\nname = "mx"\nproxy_protocol = true\n', 1, "listener[0]", "proxy_from is empty"),
+    # a value of the wrong TOML type is named, not converted
+    ("[server]\nallow_open_relay = 1\n" + BASE, 2, "server.allow_open_relay",
+     "must be a TOML boolean, got the integer 1: write it as true or false"),
+    ('[server]\nallow_open_relay = "yes"\n' + BASE, 2, "server.allow_open_relay", "got the string 'yes'"),
+    ('[[listener]]\nname = "mx"\nanonymous = "true"\n', 3, "listener[0].anonymous", "must be a TOML boolean"),
+    ('[[listener]]\nname = "mx"\nport = "2525"\n', 3, "listener[0].port", "must be a TOML integer, got the string '2525'"),
+    ('[[listener]]\nname = "mx"\nport = 2525.0\n', 3, "listener[0].port", "got the float 2525.0"),
+    ('[[listener]]\nname = "mx"\nport = true\n', 3, "listener[0].port", "got true"),
+    (BASE + '[delivery]\npoll_interval = "1"\n', 6, "delivery.poll_interval", "must be a TOML number"),
 ])
 def test_errors_name_line_key_and_fix(snippet, line, key, words):
     problems = errors(snippet)
@@ -54,6 +63,11 @@ def test_cross_checks():
         BASE + '[[domain]]\nname = "x.test"\n[[mailbox]]\naddress = "a@x.test"\n[[mailbox]]\naddress = "b@x.test"\naliases = ["A@x.test"]\n'))
     assert any("route 'nope' does not exist" in p for p in errors(BASE + '[[domain]]\nname = "x.test"\nroute = "nope"\n'))
     assert any("no [[listener]]" in p for p in errors("[server]\n"))
+
+
+def test_an_integer_is_a_good_float():
+    loaded = parse_text(BASE + "[delivery]\npoll_interval = 2\n", "t.toml")
+    assert loaded.config.delivery.poll_interval == 2.0
 
 
 def test_toml_syntax_error_names_file():

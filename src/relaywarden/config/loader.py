@@ -188,7 +188,28 @@ def _describe(err: dict, source: SourceMap) -> str:
         msg = "required key is missing: add it"
     elif typ == "enum" or typ == "literal_error":
         msg = f"{msg} (got {err.get('input')!r})"
+    elif typ in _TOML_TYPES:
+        wanted, example = _TOML_TYPES[typ]
+        msg = f"must be {wanted}, got {_toml_value(err.get('input'))}: write it as {example}"
     return f"{where}: {key or '(top level)'}: {msg}"
+
+
+# Strict scalar types (config/schema.py): what the key wants and how TOML writes it.
+_TOML_TYPES = {
+    "bool_type": ("a TOML boolean", "true or false, without quotes"),
+    "int_type": ("a TOML integer", "a whole number without quotes or decimal point, e.g. 25"),
+    "float_type": ("a TOML number", "a number without quotes, e.g. 30 or 2.5"),
+}
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, (int, float)):
+        return f"the {'integer' if isinstance(value, int) else 'float'} {value!r}"
+    return f"a {type(value).__name__}"
 
 
 def _dotted(loc: KeyPath) -> str:

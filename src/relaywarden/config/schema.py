@@ -27,7 +27,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -105,6 +105,14 @@ class RouteTls(StrEnum):
     REQUIRED = "required"
 
 
+# TOML has booleans, integers and floats of its own: a value of another type is a mistake to
+# name, not to convert ("yes" or 1 for a boolean, "2525" or 2525.0 for a port). An integer is
+# still a good float (300 seconds).
+Bool = Annotated[bool, Strict()]
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
@@ -147,16 +155,16 @@ def _looks_like_ip(text: str) -> bool:
 class Limits(_Model):
     """Protocol limits of a listener.  Each is answered with its own reply and RFC 3463 code."""
 
-    max_command_line: int = Field(512, ge=512, le=65536, description="Longest command line in octets, CRLF included (RFC 5321: at least 512). Longer: 500 5.5.2.")
-    max_data_line: int = Field(1000, ge=1000, le=1_000_000, description="Longest line of message data in octets, CRLF included (RFC 5321: 1000). Longer: 500 5.5.2 at the end of DATA.")
-    max_message_size: int = Field(35 * 1024 * 1024, ge=1024, description="Largest message in octets, announced with SIZE. Larger: 552 5.3.4.")
-    max_recipients: int = Field(100, ge=1, le=100_000, description="Recipients per message. More: 452 4.5.3.")
-    max_errors: int = Field(10, ge=1, le=1000, description="Errors per session before the server says 421 4.7.0 and disconnects.")
-    command_timeout: float = Field(300.0, gt=0, description="Seconds to wait for a command (RFC 5321: 5 minutes).")
-    data_timeout: float = Field(600.0, gt=0, description="Seconds to wait for more message data (RFC 5321: 3-10 minutes).")
-    max_connections: int = Field(500, ge=1, description="Concurrent connections on this listener. More: 421 4.7.0.")
-    max_connections_per_client: int = Field(50, ge=1, description="Concurrent connections from one client address. More: 421 4.7.0.")
-    max_received_headers: int = Field(50, ge=5, le=500, description="Received headers after which a message is a mail loop (554 5.4.6).")
+    max_command_line: Int = Field(512, ge=512, le=65536, description="Longest command line in octets, CRLF included (RFC 5321: at least 512). Longer: 500 5.5.2.")
+    max_data_line: Int = Field(1000, ge=1000, le=1_000_000, description="Longest line of message data in octets, CRLF included (RFC 5321: 1000). Longer: the message is refused with 552 5.3.4 at its end.")
+    max_message_size: Int = Field(35 * 1024 * 1024, ge=1024, description="Largest message in octets, announced with SIZE. Larger: 552 5.3.4.")
+    max_recipients: Int = Field(100, ge=1, le=100_000, description="Recipients per message. More: 452 4.5.3.")
+    max_errors: Int = Field(10, ge=1, le=1000, description="Errors per session before the server says 421 4.7.0 and disconnects.")
+    command_timeout: Float = Field(300.0, gt=0, description="Seconds to wait for a command (RFC 5321: 5 minutes).")
+    data_timeout: Float = Field(600.0, gt=0, description="Seconds to wait for more message data (RFC 5321: 3-10 minutes).")
+    max_connections: Int = Field(500, ge=1, description="Concurrent connections on this listener. More: 421 4.7.0.")
+    max_connections_per_client: Int = Field(50, ge=1, description="Concurrent connections from one client address. More: 421 4.7.0.")
+    max_received_headers: Int = Field(50, ge=5, le=500, description="Received headers after which a message is a mail loop (554 5.4.6).")
 
 
 AuthMechanism = Literal["PLAIN", "LOGIN"]
@@ -167,20 +175,20 @@ class Listener(_Model):
 
     name: str = Field(description="Short name used in events and replies, e.g. mx, submission, devices.")
     address: str = Field("127.0.0.1", description="IPv4 or IPv6 address to listen on (0.0.0.0 / :: for all).")
-    port: int = Field(25, ge=1, le=65535, description="TCP port.")
+    port: Int = Field(25, ge=1, le=65535, description="TCP port.")
     tls: TlsMode = Field(TlsMode.STARTTLS, description='"none", "starttls" (offered after EHLO) or "implicit" (TLS from the first byte, port 465).')
     certificate: str | None = Field(None, description="PEM certificate chain. Unset: a self-signed certificate is generated into the data directory on first start.")
     key: str | None = Field(None, description="PEM private key for `certificate`.")
-    require_tls: bool = Field(False, description="Refuse MAIL until STARTTLS has been done (530 5.7.0).")
-    anonymous: bool = Field(True, description="Accept mail from clients that did not authenticate (Exchange: Anonymous access). Off: 530 5.7.0 (KB scenario 2 when this is the Internet's listener).")
+    require_tls: Bool = Field(False, description="Refuse MAIL until STARTTLS has been done (530 5.7.0).")
+    anonymous: Bool = Field(True, description="Accept mail from clients that did not authenticate (Exchange: Anonymous access). Off: 530 5.7.0 (KB scenario 2 when this is the Internet's listener).")
     auth: list[AuthMechanism] = Field(default_factory=list, description='SASL mechanisms offered ("PLAIN", "LOGIN"); empty: no AUTH on this listener.')
-    auth_plaintext: bool = Field(False, description="Offer AUTH before TLS. Off: AUTH is offered and accepted only after STARTTLS or on implicit TLS.")
-    allow_authenticated: bool = Field(False, description="Clients that authenticate may relay to any domain, regardless of the relay list (Exchange: 'Allow all computers which successfully authenticate to relay'). Off on a listener users submit to is KB scenario 1.")
+    auth_plaintext: Bool = Field(False, description="Offer AUTH before TLS. Off: AUTH is offered and accepted only after STARTTLS or on implicit TLS.")
+    allow_authenticated: Bool = Field(False, description="Clients that authenticate may relay to any domain, regardless of the relay list (Exchange: 'Allow all computers which successfully authenticate to relay'). Off on a listener users submit to is KB scenario 1.")
     relay: AccessList = Field(default_factory=AccessList, description="Who may relay without authenticating (Exchange: Relay restrictions). Default: nobody.")
     connections: AccessList = Field(default_factory=lambda: AccessList(mode=Mode.ALL_EXCEPT, entries=[]), description="Who may connect at all (Exchange: Connection control). Default: everybody.")
     accept_domains: list[str] | None = Field(None, description="Accepted domains this listener takes mail for from anonymous clients; unset: all of them. Mail for another accepted domain is refused with event 1701.")
     public_addresses: list[str] = Field(default_factory=list, description="The addresses the Internet sees for this listener (NAT, firewall or proxy in front). Used by doctor for MX and block list checks (KB scenario 6).")
-    proxy_protocol: bool = Field(False, description="Expect a PROXY protocol header (v1 or v2) from the addresses in proxy_from; the address it reports is the client everywhere after.")
+    proxy_protocol: Bool = Field(False, description="Expect a PROXY protocol header (v1 or v2) from the addresses in proxy_from; the address it reports is the client everywhere after.")
     proxy_from: list[str] = Field(default_factory=list, description="Addresses / CIDRs of proxies allowed to send a PROXY header. Others are refused.")
     limits: Limits = Field(default_factory=Limits, description="Protocol limits.")
 
@@ -253,8 +261,8 @@ class Mailbox(_Model):
     address: str = Field(description="Primary address, also the login name for SMTP AUTH.")
     aliases: list[str] = Field(default_factory=list, description="Other addresses delivered to this mailbox (proxy addresses).")
     password_hash: str | None = Field(None, description="argon2 hash (from `relaywarden user hash`); never a plaintext password.")
-    relay: bool = Field(True, description="May relay after authenticating (where the listener allows authenticated relay). False suspends the relay right (event 1710).")
-    enabled: bool = Field(True, description="A disabled mailbox receives nothing (550 5.2.1) and cannot authenticate.")
+    relay: Bool = Field(True, description="May relay after authenticating (where the listener allows authenticated relay). False suspends the relay right (event 1710).")
+    enabled: Bool = Field(True, description="A disabled mailbox receives nothing (550 5.2.1) and cannot authenticate.")
 
     @field_validator("address", "aliases")
     @classmethod
@@ -283,7 +291,7 @@ class Route(_Model):
     domains: list[str] = Field(default_factory=lambda: ["*"], description='Destination domains: exact ("example.org"), wildcard ("*.example.org") or "*" for the default route.')
     kind: RouteKind = Field(RouteKind.MX, description='"mx": look up the MX records of the destination; "smarthost": send to `hosts` in order.')
     hosts: list[str] = Field(default_factory=list, description='Smarthosts as "host" or "host:port" (port 25 by default).')
-    port: int = Field(25, ge=1, le=65535, description="Port of the MX hosts of a kind = \"mx\" route (25 on the Internet; another port for tests or a private network).")
+    port: Int = Field(25, ge=1, le=65535, description="Port of the MX hosts of a kind = \"mx\" route (25 on the Internet; another port for tests or a private network).")
     tls: RouteTls = Field(RouteTls.OPPORTUNISTIC, description='"none", "opportunistic" (STARTTLS when offered) or "required" (verified certificate, else defer).')
     ca_file: str | None = Field(None, description="CA bundle for verifying the next hop when tls = required (default: the system's).")
     username: str | None = Field(None, description="Login for destinations that require authentication (KB scenario 5: 530 / 5.7.3).")
@@ -315,23 +323,23 @@ class Dns(_Model):
     """The resolver used for MX, reverse DNS and block list look-ups."""
 
     nameservers: list[str] = Field(default_factory=list, description="Nameserver addresses; empty: the system's (/etc/resolv.conf).")
-    port: int = Field(53, ge=1, le=65535, description="Nameserver port.")
-    timeout: float = Field(5.0, gt=0, description="Seconds per query.")
+    port: Int = Field(53, ge=1, le=65535, description="Nameserver port.")
+    timeout: Float = Field(5.0, gt=0, description="Seconds per query.")
 
 
 class Delivery(_Model):
     """How queued mail leaves: concurrency, retries, lifetime, delay notices."""
 
-    enabled: bool = Field(True, description="Deliver queued mail. Off: the server only accepts and queues (for maintenance).")
-    max_concurrency: int = Field(50, ge=1, le=10_000, description="Deliveries in progress at once, in all.")
-    max_per_destination: int = Field(10, ge=1, le=1000, description="Deliveries in progress at once to one next hop (route or domain).")
-    min_backoff: float = Field(300.0, gt=0, description="Seconds before the first retry after a temporary failure; doubled after each further failure.")
-    max_backoff: float = Field(14400.0, gt=0, description="Longest wait between two attempts (seconds).")
-    max_lifetime: float = Field(5 * 86400.0, gt=0, description="Seconds a message may stay in the queue; then its recipients fail with 5.4.7 and an NDR goes to the sender.")
-    delay_warning: float | None = Field(4 * 3600.0, description="Seconds after which a delay notice (DSN 'delayed') is sent once per recipient that asked for it; unset: never.")
-    connect_timeout: float = Field(30.0, gt=0, description="Seconds to wait for a TCP connection to a next hop.")
-    command_timeout: float = Field(300.0, gt=0, description="Seconds to wait for each reply of a next hop (RFC 5321 4.5.3.2 suggests 2-10 minutes).")
-    poll_interval: float = Field(1.0, gt=0, le=60, description="Seconds between looks at the queue for due mail (new mail is picked up at once).")
+    enabled: Bool = Field(True, description="Deliver queued mail. Off: the server only accepts and queues (for maintenance).")
+    max_concurrency: Int = Field(50, ge=1, le=10_000, description="Deliveries in progress at once, in all.")
+    max_per_destination: Int = Field(10, ge=1, le=1000, description="Deliveries in progress at once to one next hop (route or domain).")
+    min_backoff: Float = Field(300.0, gt=0, description="Seconds before the first retry after a temporary failure; doubled after each further failure.")
+    max_backoff: Float = Field(14400.0, gt=0, description="Longest wait between two attempts (seconds).")
+    max_lifetime: Float = Field(5 * 86400.0, gt=0, description="Seconds a message may stay in the queue; then its recipients fail with 5.4.7 and an NDR goes to the sender.")
+    delay_warning: Float | None = Field(4 * 3600.0, description="Seconds after which a delay notice (DSN 'delayed') is sent once per recipient that asked for it; unset: never.")
+    connect_timeout: Float = Field(30.0, gt=0, description="Seconds to wait for a TCP connection to a next hop.")
+    command_timeout: Float = Field(300.0, gt=0, description="Seconds to wait for each reply of a next hop (RFC 5321 4.5.3.2 suggests 2-10 minutes).")
+    poll_interval: Float = Field(1.0, gt=0, le=60, description="Seconds between looks at the queue for due mail (new mail is picked up at once).")
     helo_name: str | None = Field(None, description="Name sent in EHLO to next hops; unset: server.hostname.")
     mailbox_root: str | None = Field(None, description="Directory of the local Maildirs; unset: DATA_DIR/mail.")
 
@@ -343,13 +351,13 @@ class Doctor(_Model):
     dnsbl_zones: list[str] = Field(
         default_factory=lambda: ["zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral.org", "psbl.surriel.com"],
         description="DNS block lists the public addresses are looked up in (IPv4 and IPv6).")
-    window_hours: float = Field(24.0, gt=0, description="The recent period the account and queue checks look at, in hours.")
-    baseline_days: float = Field(14.0, gt=0, description="The history an account's recent sending is compared with, in days.")
-    burst_factor: float = Field(10.0, gt=1, description="An account sending more than this many times its own baseline (recipients, external domains, client addresses) is flagged.")
-    min_recipients: int = Field(200, ge=1, description="Recent recipients below which an account is never flagged as a burst (small senders vary a lot).")
-    failed_logins: int = Field(20, ge=1, description="Failed logins before a success that make the success suspect (password guessing).")
-    queue_recipients_per_message: int = Field(50, ge=1, description="A queued message with more recipients than this looks like spam.")
-    queue_share: float = Field(0.5, gt=0, le=1, description="One client address or user owning more than this share of the queue is flagged.")
+    window_hours: Float = Field(24.0, gt=0, description="The recent period the account and queue checks look at, in hours.")
+    baseline_days: Float = Field(14.0, gt=0, description="The history an account's recent sending is compared with, in days.")
+    burst_factor: Float = Field(10.0, gt=1, description="An account sending more than this many times its own baseline (recipients, external domains, client addresses) is flagged.")
+    min_recipients: Int = Field(200, ge=1, description="Recent recipients below which an account is never flagged as a burst (small senders vary a lot).")
+    failed_logins: Int = Field(20, ge=1, description="Failed logins before a success that make the success suspect (password guessing).")
+    queue_recipients_per_message: Int = Field(50, ge=1, description="A queued message with more recipients than this looks like spam.")
+    queue_share: Float = Field(0.5, gt=0, le=1, description="One client address or user owning more than this share of the queue is flagged.")
 
     @field_validator("dnsbl_zones")
     @classmethod
@@ -361,11 +369,11 @@ class Server(_Model):
     """Server-wide settings."""
 
     hostname: str = Field("relaywarden.localdomain", description="Name in the greeting, EHLO reply, Received headers and NDRs (should match the reverse DNS of the public address).")
-    allow_open_relay: bool = Field(False, description="Start even if a listener lets unauthenticated clients relay to any domain. Never set this on a server reachable from the Internet; it is logged as a warning at every start.")
-    workers: int = Field(1, ge=1, le=64, description="Processes that accept mail, each with its own event loop, sharing the listeners (SO_REUSEPORT), the queue and the event log. With more than one, delivery runs in one more process of its own. Connection limits hold for the whole server: the workers share their counts.")
-    auth_failure_delay: float = Field(1.0, ge=0, le=30, description="Seconds to wait before answering a failed AUTH (slows password guessing).")
-    event_log_max_bytes: int = Field(50_000_000, ge=10_000, description="Rotate the event log at this size.")
-    event_log_backups: int = Field(10, ge=1, le=1000, description="Rotated event logs kept.")
+    allow_open_relay: Bool = Field(False, description="Start even if a listener lets unauthenticated clients relay to any domain. Never set this on a server reachable from the Internet; it is logged as a warning at every start.")
+    workers: Int = Field(1, ge=1, le=64, description="Processes that accept mail, each with its own event loop, sharing the listeners (SO_REUSEPORT), the queue and the event log. With more than one, delivery runs in one more process of its own. Connection limits hold for the whole server: the workers share their counts.")
+    auth_failure_delay: Float = Field(1.0, ge=0, le=30, description="Seconds to wait before answering a failed AUTH (slows password guessing).")
+    event_log_max_bytes: Int = Field(50_000_000, ge=10_000, description="Rotate the event log at this size.")
+    event_log_backups: Int = Field(10, ge=1, le=1000, description="Rotated event logs kept.")
 
 
 class Config(_Model):
