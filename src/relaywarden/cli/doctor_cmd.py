@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..diagnose.model import Context, Level, exit_code
-from ..diagnose.registry import run_checks
+from ..diagnose.registry import all_checks, run_checks, selected
 from ..directory import Directory
 from ..dns import make_resolver
 from ..users import UserStore
@@ -39,6 +39,13 @@ def doctor_command_factory(config_option, data_dir_option, load):
     @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
     def doctor(config_path, data_dir: Path, offline: bool, only: tuple[str, ...], timeout: float, as_json: bool) -> None:
         """Run KB 895853's troubleshooting procedure against this server and print what to fix."""
+        names = [name for name, _ in all_checks()]
+        unknown = [o for o in only if not any(selected(name, {o}) for name in names)]
+        if unknown:
+            groups = sorted({name.split(".")[0] for name in names})
+            raise click.UsageError(
+                f"no check named {', '.join(repr(u) for u in unknown)}: use a check or a group of "
+                f"`--check`: {', '.join(groups)} (or a dotted name such as {names[0]})")
         loaded = load(config_path)
         ctx = build_context(loaded, data_dir, live=not offline, timeout=timeout)
         findings = asyncio.run(run_checks(ctx, set(only) or None))

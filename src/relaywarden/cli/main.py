@@ -67,7 +67,11 @@ def init(path: Path, force: bool) -> None:
     """Write the default configuration, every key commented, to PATH."""
     if path.exists() and not force:
         raise click.ClickException(f"{path} exists; use --force to overwrite it")
-    path.write_text(render(load_default().config), encoding="utf-8")
+    try:
+        path.write_text(render(load_default().config), encoding="utf-8")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {path}: {exc.strerror}"
+                                   + (f" (create {path.parent} first)" if not path.parent.is_dir() else "")) from None
     click.echo(f"wrote {path}; check it with: relaywarden check-config {path}")
 
 

@@ -10,6 +10,7 @@ whole queue without ``--all``, ask before changing more than ``CONFIRM_OVER`` me
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +82,8 @@ def build_filter(ids: tuple[str, ...] = (), **options: Any) -> QueueFilter:
             options["sender"] = "" if sender.strip() in ("", "<>") else sender
         options["states"] = tuple(options.get("states") or ())
         return QueueFilter(ids=ids, **options)
+    except re.error as exc:
+        raise click.UsageError(f"--reply {options.get('reply')!r} is not a valid regular expression: {exc}") from None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
