@@ -161,6 +161,15 @@ class UserStore:
             return self._record(row)
 
 
+    def delete(self, address: str) -> None:
+        """Remove a user (for a mailbox of the configuration: its overlay - password, flags)."""
+        with self._locked() as users:
+            key = lookup_key(address)
+            if key not in users:
+                raise UserError(f"{address} is not a user in {self.path}")
+            del users[key]
+
+
 def _row(rec: UserRecord) -> dict:
     d = asdict(rec)
     if d.get("aliases") is not None:

@@ -572,3 +572,22 @@ def test_scenarios_without_an_event_log_skip_the_traffic_checks(tmp_path):
     levels = {f["check"]: f["level"] for f in findings}
     assert levels["scenarios.5"] == "skip" and levels["scenarios.6"] == "skip"
     assert levels["scenarios.4"] == "warn" and code == 1
+
+
+def test_scenario_4_sees_the_user_database_too(start_server):
+    # a mailbox added with `relaywarden user add` in a domain that is not accepted
+    srv = start_server(SCENARIO_4.replace(', "alice@oldname.test"', ""))
+    code, findings = doctor(srv, "scenarios.4")
+    assert code == 0 and findings[0]["level"] == "ok"
+    added = srv.run_cli("user", "add", "dave@nowhere.example", "--password", "x", "--data-dir", str(srv.data_dir))
+    assert added.returncode == 0, added.stderr
+    code, findings = doctor(srv, "scenarios.4")
+    assert code == 1
+    (warn,) = findings
+    assert warn["title"] == "dave@nowhere.example cannot receive mail: nowhere.example is not an accepted domain"
+    assert warn["where"] == f"{srv.data_dir / 'users.json'}, user dave@nowhere.example"
+    assert "delete the user: relaywarden user delete dave@nowhere.example" in warn["fix"]
+    deleted = srv.run_cli("user", "delete", "dave@nowhere.example", "--data-dir", str(srv.data_dir))
+    assert deleted.returncode == 0, deleted.stderr
+    code, findings = doctor(srv, "scenarios.4")
+    assert code == 0

@@ -100,3 +100,16 @@ def test_an_address_belongs_to_one_mailbox_only(tmp_path):
         assert result.exit_code == 1 and ("belongs to mailbox" in result.output
                                           or "already an alias of mailbox bob@example.test" in result.output), (args, result.output)
     assert {r.address for r in UserStore(tmp_path).records()} == {"bob@example.test"}
+
+
+def test_delete_removes_a_user_or_a_mailbox_overlay(tmp_path):
+    d = str(tmp_path)
+    assert run("user", "add", "bob@example.test", "--password", "x", "--data-dir", d).exit_code == 0
+    assert run("user", "suspend-relay", "postmaster@example.test", "--data-dir", d).exit_code == 0
+    assert run("user", "delete", "BOB@example.test", "--data-dir", d).output == "deleted BOB@example.test\n"
+    assert run("user", "delete", "postmaster@example.test", "--data-dir", d).exit_code == 0
+    assert UserStore(tmp_path).records() == []
+    pm = Directory.build(load_default(), UserStore(tmp_path).records()).login("postmaster@example.test")
+    assert pm is not None and pm.relay is True              # the configuration's mailbox is back as written
+    result = CliRunner().invoke(main, ["user", "delete", "bob@example.test", "--data-dir", d])
+    assert result.exit_code == 1 and "is not a user" in result.output

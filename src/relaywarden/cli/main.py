@@ -167,6 +167,19 @@ def user_passwd(address: str, password: str | None, password_stdin: bool, config
     click.echo(f"password of {address} changed")
 
 
+@user.command("delete")
+@click.argument("address")
+@data_dir_option
+def user_delete(address: str, data_dir: Path) -> None:
+    """Delete a user from the user database (for a mailbox of the configuration: the password
+    and flags set with these commands; the mailbox itself stays in the configuration)."""
+    try:
+        UserStore(data_dir).delete(address)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"deleted {address}")
+
+
 def _flag_command(name: str, help_text: str, **change):
     @user.command(name, help=help_text + " The address must be a user, or a mailbox of the configuration (--config).")
     @click.argument("address")

@@ -74,7 +74,8 @@ def command(ctx: Context, *args: str) -> str:
     the doctor looked at another data directory than the commands would by default, and
     ``--config`` for the user commands when it read a configuration file."""
     words = ["relaywarden", *args]
-    if args[:1] == ("user",) and not ctx.loaded.file.startswith("<") and Path(ctx.loaded.file).is_file():
+    if (args[:1] == ("user",) and args[1:2] != ("delete",) and not ctx.loaded.file.startswith("<")
+            and Path(ctx.loaded.file).is_file()):
         words += ["--config", ctx.loaded.file]    # the user commands check the configuration's mailboxes
     default = Path(os.environ.get("RELAYWARDEN_DATA") or "relaywarden-data")
     if default.resolve() != Path(ctx.data_dir).resolve():

@@ -32,6 +32,7 @@ from ..config.schema import Listener
 from ..delivery.mx import NextHopError, next_hops
 from ..events import EventId
 from ..policy.relay import route_for
+from .accounts import command
 from .model import SCENARIO, Context, Finding, Level
 from .relay_test import BATTERY_HELO
 
@@ -220,6 +221,13 @@ async def scenario_4(ctx: Context) -> list[Finding]:
         for a_index, alias in enumerate(mailbox.aliases):
             if _domain_of(alias) not in accepted:
                 outside[_domain_of(alias)].append((alias, _where(ctx, "mailbox", m_index, "aliases", a_index)))
+    # and the user database's mailboxes (relaywarden user add), and aliases it gives
+    configured = {a.casefold() for m in ctx.config.mailbox for a in (m.address, *m.aliases)}
+    users_file = f"{ctx.data_dir / 'users.json'}"
+    for entry in ctx.directory:
+        for address in entry.addresses:
+            if address.casefold() not in configured and _domain_of(address) not in accepted:
+                outside[_domain_of(address)].append((address, f"{users_file}, user {entry.address}"))
     if not outside:
         return [Finding("scenarios.4", Level.OK,
                         "every mailbox address is in an accepted domain", SCENARIO[4])]
@@ -237,10 +245,13 @@ async def scenario_4(ctx: Context) -> list[Finding]:
         level = Level.FAIL if mine else Level.WARN
         title = (f"mail to {listed} is refused: {domain} is not an accepted domain"
                  if mine else f"{listed} cannot receive mail: {domain} is not an accepted domain")
+        owner = where.rpartition(", user ")[2]
+        remove = (f"remove {listed} from the mailbox ({where})" if not where.startswith(users_file) else
+                  "delete the user: " + command(ctx, "user", "delete", owner))
         findings.append(Finding(
             "scenarios.4", level, title, SCENARIO[4], tuple(evidence),
             f'add [[domain]] name = "{domain}" kind = "authoritative" to {ctx.loaded.file} if '
-            f"{domain} is yours, or remove {listed} from the mailbox ({where})", where))
+            f"{domain} is yours, or {remove}", where))
     return findings
 
 
