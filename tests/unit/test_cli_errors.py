@@ -34,3 +34,21 @@ def test_init_into_a_directory_that_does_not_exist(tmp_path):
     result = invoke("init", str(tmp_path / "nodir" / "x.toml"))
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "cannot write" in result.output and f"create {tmp_path / 'nodir'} first" in result.output
+
+
+def test_check_config_and_serve_name_a_certificate_that_cannot_be_read(tmp_path):
+    from relaywarden.config.loader import default_text
+
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not read here")
+    text = default_text().replace('tls = "starttls"',
+                                  f'tls = "starttls"\ncertificate = "{cert}"\nkey = "{tmp_path / "missing.key"}"', 1)
+    config = tmp_path / "rw.toml"
+    config.write_text(text)
+    line = text.splitlines().index(f'key = "{tmp_path / "missing.key"}"') + 1
+    for command in (("check-config", str(config)), ("serve", "--config", str(config), "--data-dir", str(tmp_path / "d"))):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        assert f"{config}:{line}: listener[0].key: {tmp_path / 'missing.key'} does not exist" in result.output
+        assert "listener[0].certificate" not in result.output          # that one exists
+    assert not (tmp_path / "d").exists()                                # serve stopped before anything

@@ -70,6 +70,33 @@ def test_an_integer_is_a_good_float():
     assert loaded.config.delivery.poll_interval == 2.0
 
 
+@pytest.mark.parametrize("text, line, key, words", [
+    (BASE + '[[listener]]\nname = "mx"\nport = 2526\n', 6, "listener[1].name",
+     "listener name 'mx' is used twice (also listener[0]): give each [[listener]] its own name"),
+    (BASE + '[[listener]]\nname = "other"\nport = 2525\n', 7, "listener[1].port",
+     "would listen on the socket of listener mx (127.0.0.1 port 2525, listener[0]): give it another port"),
+    ('[[listener]]\nname = "a"\naddress = "0.0.0.0"\nport = 2625\n[[listener]]\nname = "b"\naddress = "127.0.0.1"\nport = 2625\n',
+     8, "listener[1].port", "on the socket of listener a (0.0.0.0 port 2625"),
+    (BASE + '[[domain]]\nname = "x.test"\n[[domain]]\nname = "x.test"\n', 8, "domain[1].name",
+     "domain 'x.test' is listed twice (also domain[0]): keep one [[domain]] table"),
+    (BASE + '[[domain]]\nname = "x.test"\nroute = "nope"\n', 7, "domain[0].route",
+     "route 'nope' does not exist: add a [[route]] named 'nope'"),
+    (BASE + '[[domain]]\nname = "x.test"\n[[mailbox]]\naddress = "a@x.test"\n[[mailbox]]\naddress = "b@x.test"\n'
+     'aliases = ["A@x.test"]\n', 11, "mailbox[1].aliases[0]", "belongs to two mailboxes (a@x.test and b@x.test)"),
+    (BASE + 'accept_domains = ["y.test"]\n[[domain]]\nname = "x.test"\n', 5, "listener[0].accept_domains[0]",
+     "accept_domains lists y.test, which is not a [[domain]]: add a [[domain]] named y.test"),
+])
+def test_cross_checks_name_the_line_key_and_fix(text, line, key, words):
+    problems = errors(text)
+    assert any(p.startswith(f"t.toml:{line}: {key}: ") and words in p for p in problems), problems
+
+
+def test_listeners_on_different_families_or_ports_may_share_an_address():
+    parse_text('[[listener]]\nname = "a"\naddress = "0.0.0.0"\nport = 2625\n'
+               '[[listener]]\nname = "b"\naddress = "::"\nport = 2625\n'
+               '[[listener]]\nname = "c"\naddress = "127.0.0.1"\nport = 2626\n', "t.toml")
+
+
 def test_toml_syntax_error_names_file():
     assert errors("[[listener]\n")[0].startswith("t.toml: TOML syntax error")
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config.document import render
-from ..config.loader import ConfigError, LoadedConfig, load_config, load_default
+from ..config.loader import ConfigError, LoadedConfig, file_problems, load_config, load_default
 from ..directory import Directory, lookup_key
 from ..users import UserError, UserStore, hash_password
 
@@ -57,7 +57,17 @@ def serve(config_path: Path | None, data_dir: Path, no_uvloop: bool) -> None:
     from ..server.app import run
 
     loaded = load(config_path)
+    _stop_on_file_problems(loaded)
     sys.exit(run(loaded, data_dir, use_uvloop=not no_uvloop))
+
+
+def _stop_on_file_problems(loaded: LoadedConfig) -> None:
+    problems = file_problems(loaded)
+    if problems:
+        click.echo(f"relaywarden: invalid configuration {loaded.file}:", err=True)
+        for p in problems:
+            click.echo(f"  {p}", err=True)
+        sys.exit(2)
 
 
 @main.command()
@@ -82,6 +92,7 @@ def check_config(path: Path) -> None:
     from ..policy.audit import check_startable, open_relay_findings
 
     loaded = load(path)
+    _stop_on_file_problems(loaded)
     fails = check_startable(loaded)
     findings = open_relay_findings(loaded)
     for f in findings:

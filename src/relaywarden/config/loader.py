@@ -7,6 +7,7 @@ every rule it applies, and every error names the file, the key, the line and the
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .schema import Config
+from .schema import Config, cross_problems
 
 DEFAULT_NAME = "<embedded default>"
 
@@ -168,9 +169,13 @@ def parse_text(text: str, file: str) -> LoadedConfig:
         raise ConfigError(file, [f"{file}: TOML syntax error: {exc}"]) from None
     source = SourceMap(file, scan_lines(text))
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate(data, context={"defer_cross_checks": True})
     except ValidationError as exc:
         raise ConfigError(file, [_describe(err, source) for err in exc.errors()]) from None
+    problems = cross_problems(config)
+    if problems:
+        raise ConfigError(file, [f"{source.where(*loc)}: {_dotted(loc) or '(top level)'}: {message}"
+                                 for loc, message in problems])
     return LoadedConfig(config, source, text)
 
 
@@ -210,6 +215,26 @@ def _toml_value(value: object) -> str:
     if isinstance(value, (int, float)):
         return f"the {'integer' if isinstance(value, int) else 'float'} {value!r}"
     return f"a {type(value).__name__}"
+
+
+def file_problems(loaded: LoadedConfig) -> list[str]:
+    """The files the configuration names that cannot be read (a listener's certificate and
+    key), each as "file:line: key: what and the fix": what ``serve`` would stop on."""
+    problems = []
+    for index, listener in enumerate(loaded.config.listener):
+        if listener.tls.value == "none":
+            continue
+        for field in ("certificate", "key"):
+            name = getattr(listener, field)
+            if name is None:
+                continue
+            path = Path(name)
+            if not path.is_file() or not os.access(path, os.R_OK):
+                why = "does not exist" if not path.exists() else "is not a readable file"
+                problems.append(f"{loaded.source.where('listener', index, field)}: listener[{index}].{field}: "
+                                f"{name} {why}: give the path of the PEM {field} (relative to the directory "
+                                "serve runs in), or remove certificate and key for a self-signed pair")
+    return problems
 
 
 def _dotted(loc: KeyPath) -> str:

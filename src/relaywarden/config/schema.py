@@ -27,7 +27,16 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -389,29 +398,13 @@ class Config(_Model):
     doctor: Doctor = Field(default_factory=Doctor)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> Config:
-        if not self.listener:
-            raise ValueError("no [[listener]] is configured: add at least one")
-        _unique([l.name for l in self.listener], "listener name")
-        _unique([(l.address, l.port) for l in self.listener], "listener address and port")
-        _unique([d.name for d in self.domain], "domain")
-        _unique([r.name for r in self.route], "route name")
-        seen: dict[str, str] = {}
-        for mb in self.mailbox:
-            for addr in (mb.address, *mb.aliases):
-                key = addr.casefold()
-                if key in seen:
-                    raise ValueError(f"address {addr} belongs to two mailboxes ({seen[key]} and {mb.address})")
-                seen[key] = mb.address
-        route_names = {r.name for r in self.route}
-        for d in self.domain:
-            if d.route is not None and d.route not in route_names:
-                raise ValueError(f"domain {d.name}: route {d.route!r} does not exist (routes: {sorted(route_names) or 'none'})")
-        domains = {d.name for d in self.domain}
-        for l in self.listener:
-            for d in l.accept_domains or []:
-                if d not in domains:
-                    raise ValueError(f"listener {l.name}: accept_domains lists {d}, which is not a [[domain]]")
+    def _cross_checks(self, info: ValidationInfo) -> Config:
+        # The loader runs cross_problems itself (context "defer_cross_checks") to give each
+        # problem its key and line; anyone else validating a Config gets the first one here.
+        if not (info.context or {}).get("defer_cross_checks"):
+            problems = cross_problems(self)
+            if problems:
+                raise ValueError(problems[0][1])
         return self
 
     def listener_named(self, name: str) -> Listener:
@@ -421,10 +414,65 @@ class Config(_Model):
         raise KeyError(name)
 
 
-def _unique(values: list, what: str) -> None:
-    seen = set()
-    for v in values:
-        if v in seen:
-            raise ValueError(f"{what} {v!r} is used twice")
-        seen.add(v)
+KeyPath = tuple
+
+
+def cross_problems(config: Config) -> list[tuple[KeyPath, str]]:
+    """What no single key shows: names used twice, listeners that would share a socket,
+    references to what does not exist. Each problem with the key it is about and the fix."""
+    problems: list[tuple[KeyPath, str]] = []
+    if not config.listener:
+        problems.append(((), "no [[listener]] is configured: add at least one"))
+    for what, items in (("listener", config.listener), ("domain", config.domain), ("route", config.route)):
+        first: dict[str, int] = {}
+        for index, item in enumerate(items):
+            if item.name in first:
+                problems.append(((what, index, "name"),
+                                 f"{what} name {item.name!r} is used twice (also {what}[{first[item.name]}]): "
+                                 f"give each [[{what}]] its own name" if what != "domain" else
+                                 f"domain {item.name!r} is listed twice (also domain[{first[item.name]}]): "
+                                 "keep one [[domain]] table for it"))
+            first.setdefault(item.name, index)
+    for index, listener in enumerate(config.listener):
+        for other_index, other in enumerate(config.listener[:index]):
+            if other.port == listener.port and _same_socket(other.address, listener.address):
+                problems.append((("listener", index, "port"),
+                                 f"listener {listener.name} ({listener.address} port {listener.port}) would listen "
+                                 f"on the socket of listener {other.name} ({other.address} port {other.port}, "
+                                 f"listener[{other_index}]): give it another port or a different address"))
+                break
+    seen: dict[str, str] = {}
+    for m_index, mailbox in enumerate(config.mailbox):
+        for a_index, address in enumerate((mailbox.address, *mailbox.aliases)):
+            key = address.casefold()
+            if key in seen:
+                where = ("mailbox", m_index, "address") if a_index == 0 else ("mailbox", m_index, "aliases", a_index - 1)
+                problems.append((where, f"address {address} belongs to two mailboxes ({seen[key]} and "
+                                        f"{mailbox.address}): an address belongs to one mailbox; remove it from one"))
+            seen.setdefault(key, mailbox.address)
+    route_names = {r.name for r in config.route}
+    for index, domain in enumerate(config.domain):
+        if domain.route is not None and domain.route not in route_names:
+            problems.append((("domain", index, "route"),
+                             f"domain {domain.name}: route {domain.route!r} does not exist: add a [[route]] "
+                             f"named {domain.route!r} or use one of {sorted(route_names) or 'none (there is no [[route]])'}"))
+    domains = {d.name for d in config.domain}
+    for index, listener in enumerate(config.listener):
+        for d_index, name in enumerate(listener.accept_domains or []):
+            if name not in domains:
+                problems.append((("listener", index, "accept_domains", d_index),
+                                 f"listener {listener.name}: accept_domains lists {name}, which is not a [[domain]]: "
+                                 f"add a [[domain]] named {name} or remove it from accept_domains"))
+    return problems
+
+
+def _same_socket(a: str, b: str) -> bool:
+    """Whether two listen addresses on one port would take the same socket: equal, or one is the
+    wildcard of the other's family (0.0.0.0 covers every IPv4 address, :: every IPv6 one)."""
+    ia, ib = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    if ia == ib:
+        return True
+    if ia.version != ib.version:
+        return False
+    return ia.is_unspecified or ib.is_unspecified
 
