@@ -175,6 +175,7 @@ def test_bulk_hold_release_delete_retry_in_batches(queue, ops):
     assert {q for q, _ in queue.due(NOW, 100)} == set(ids[:5])
     deleted = ops.delete(ids[6:] + ["0" * 24])
     assert (deleted.selected, deleted.changed) == (3, 2) and queue.count() == 6
+    assert deleted.ids == ids[6:] and deleted.skipped == ["0" * 24]
     for result in (held, released, retried, deleted):
         jsonschema.validate(result.as_dict(), schema("queue-bulk.json"))
 
@@ -322,3 +323,12 @@ def test_operator_changes_are_logged_as_queue_changed_events(tmp_path):
     assert [(e["fields"]["operation"], e["fields"]["changed"]) for e in events] == [("hold", 1), ("delete", 1)]
     assert events[0]["fields"]["ids"] == [ids[1]] and "sender" in events[0]["fields"]["filters"]
     assert events[0]["severity"] == "warning"
+
+
+def test_delete_reports_a_message_being_delivered_as_skipped(queue, ops):
+    leased, free = put(queue, msg()), put(queue, msg())
+    now = time.time()
+    assert queue.lease_later(leased, now + 60, now).result()
+    result = ops.delete([leased, free])
+    assert (result.changed, result.ids, result.skipped) == (1, [free], [leased])
+    assert queue.get(leased) is not None and queue.get(free) is None

@@ -331,7 +331,8 @@ def _report(result: BulkResult, as_json: bool) -> None:
         sent = sum(1 for n in result.notices.values() if n)
         line += f" ({result.recipients} recipients, {sent} NDRs queued)"
     if result.skipped:
-        line += f"; {len(result.skipped)} changed or left the queue meanwhile"
+        line += (f"; {len(result.skipped)} left alone: being delivered at that moment, or changed or gone "
+                 "meanwhile (hold them to stop further attempts; `queue show` tells)")
     click.echo(line)
 
 

@@ -197,7 +197,8 @@ class BulkResult:
     changed: int = 0
     recipients: int = 0             # recipients made due now (retry) or returned (bounce)
     ids: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)   # gone or changed meanwhile
+    # not done: being delivered at that moment (delete, bounce), or gone or changed meanwhile
+    skipped: list[str] = field(default_factory=list)
     notices: dict[str, str | None] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -297,7 +298,17 @@ class QueueOps:
         return self._simple("release", ids, lambda chunk: self.queue.hold_many(chunk, False), progress)
 
     def delete(self, ids: Sequence[str], progress: Progress | None = None) -> BulkResult:
-        return self._simple("delete", ids, self.queue.delete_many, progress)
+        """Delete messages; ``ids`` of the result are those deleted, ``skipped`` those being
+        delivered at that moment (or already gone): try them again, or hold them first."""
+        result = BulkResult("delete", selected=len(ids))
+        for chunk in _chunks(ids, self.batch):
+            deleted = set(self.queue.delete_many(chunk))
+            result.changed += len(deleted)
+            result.ids.extend(qid for qid in chunk if qid in deleted)
+            result.skipped.extend(qid for qid in chunk if qid not in deleted)
+            if progress:
+                progress(len(chunk))
+        return result
 
     def retry(self, ids: Sequence[str], progress: Progress | None = None) -> BulkResult:
         """Make every recipient still to deliver due now; held messages stay held."""

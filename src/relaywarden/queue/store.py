@@ -605,12 +605,12 @@ class SqliteQueue(QueueBackend):
         return int(self._wait(_Write(
             lambda c: sum(c.execute(sql, (int(hold), qid, int(hold))).rowcount for qid in ids))))
 
-    def delete_many(self, queue_ids: Sequence[str]) -> int:
-        """Delete these messages (and their recipients) in one write; returns how many were
-        deleted. A message being delivered right now (leased) is left alone."""
+    def delete_many(self, queue_ids: Sequence[str]) -> list[str]:
+        """Delete these messages (and their recipients) in one write; returns the ids deleted.
+        A message being delivered right now (leased) is left alone, as is one already gone."""
         ids = list(queue_ids)
         sql = "DELETE FROM message WHERE id = ? AND (lease_until IS NULL OR lease_until <= ?)"
-        return int(self._wait(_Write(lambda c: sum(c.execute(sql, (qid, time.time())).rowcount for qid in ids))))
+        return list(self._wait(_Write(lambda c: [qid for qid in ids if c.execute(sql, (qid, time.time())).rowcount])))
 
     def retry_many(self, queue_ids: Sequence[str], now: float) -> tuple[int, int]:
         """Make every pending or deferred recipient of these messages due at ``now`` (the
