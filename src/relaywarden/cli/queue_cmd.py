@@ -289,12 +289,25 @@ def _run(ops: QueueOps, name: str, selected: list[str], data_dir: Path,
         from ..directory import Directory
         from ..users import UserStore
 
-        loaded = load(config_path)
+        loaded = load(config_path if config_path is not None else _server_configuration(data_dir))
         directory = Directory.build(loaded, UserStore(data_dir).records())
         with EventLog(data_dir / "log") as log:
             return ops.bounce(selected, loaded=loaded, directory=directory,
                               hostname=loaded.config.server.hostname, emit=log.emit,
                               progress=advance)
+
+
+def _server_configuration(data_dir: Path) -> Path | None:
+    """Without --config: the configuration the server last ran with on this data directory
+    (it notes it at start), so that NDRs carry its hostname and follow its routes."""
+    from ..server.app import recorded_configuration
+
+    recorded = recorded_configuration(data_dir)
+    if recorded is None or recorded.startswith("<"):
+        return None
+    click.echo(f"using the server's configuration {recorded} (noted in {data_dir}/serve.config; "
+               "--config to choose another)", err=True)
+    return Path(recorded)
 
 
 class _progress:
@@ -346,7 +359,8 @@ for _name, _help in (
 queue_group.add_command(_bulk_command(
     "bounce", "Return messages to their senders with an NDR (5.0.0, returned by the "
               "administrator) and remove them. --config: the server's configuration, which "
-              "decides how each NDR is routed.", with_config=True))
+              "decides how each NDR is routed (default: the one the server last ran with on this "
+              "data directory).", with_config=True))
 
 
 def _age(seconds: float) -> str:

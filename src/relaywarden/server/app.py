@@ -368,10 +368,32 @@ def run(loaded: LoadedConfig, data_dir: Path, *, out=sys.stdout, use_uvloop: boo
     lock = _lock_data_dir(Path(data_dir))
     if lock is None:
         return 2
+    record_configuration(Path(data_dir), loaded)
     workers = loaded.config.server.workers
     if workers == 1:
         return _serve(loaded, data_dir, out=out, loop_name=loop_name, worker=0)
     return _supervise(loaded, data_dir, out=out, loop_name=loop_name, workers=workers)
+
+
+CONFIG_RECORD = "serve.config"
+
+
+def record_configuration(data_dir: Path, loaded: LoadedConfig) -> None:
+    """Note which configuration serves this data directory (an absolute path, or the name of the
+    embedded default), for the commands that act as the server would (``queue bounce``)."""
+    name = loaded.file if loaded.file.startswith("<") else str(Path(loaded.file).resolve())
+    try:
+        (data_dir / CONFIG_RECORD).write_text(name + "\n", encoding="utf-8")
+    except OSError as exc:   # only a convenience: the server runs without it
+        print(f"relaywarden: cannot write {data_dir / CONFIG_RECORD}: {exc.strerror}", file=sys.stderr)
+
+
+def recorded_configuration(data_dir: Path) -> str | None:
+    """The configuration ``record_configuration`` noted for this data directory, if any."""
+    try:
+        return (Path(data_dir) / CONFIG_RECORD).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _lock_data_dir(data_dir: Path):
