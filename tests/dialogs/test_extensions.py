@@ -221,7 +221,10 @@ def test_dsn_ret_full(srv, mx):
 
 
 @pytest.mark.parametrize("params", ["RET=BOTH", "RET", "ENVID=bad+zz", "ENVID=" + "x" * 101,
-                                    "RET=FULL RET=HDRS"])
+                                    "RET=FULL RET=HDRS",
+                                    # decoded control characters would forge lines in every DSN
+                                    "ENVID=x+0D+0AFinal-Recipient:rfc822;ceo@v.example+0D+0AAction:delivered",
+                                    "ENVID=a+00b", "ENVID=a+7Fb", "ENVID=a+09b", "ENVID=+C3+A9t+C3+A9"])
 def test_dsn_bad_mail_parameters(mx, params):
     run_dialog(mx, f"""
         c: EHLO client.example.org

@@ -558,3 +558,11 @@ def test_success_report_never_mixes_failures() -> None:
     with pytest.raises(ValueError):
         build_ndr(reporting_mta="r", message=queued(()), original=ORIGINAL, failed=[rcpt()], action="delivered",
                   arrival=ARRIVAL, now=NOW, postmaster="p@r", succeeded=[rcpt(state="delivered")])
+
+
+def test_a_control_character_in_a_value_never_adds_a_field_to_the_report() -> None:
+    from relaywarden.dsn.build import _fold
+
+    folded = _fold("Original-Envelope-Id", "x\r\nFinal-Recipient: rfc822;ceo@v.example\r\nAction: delivered")
+    assert "\r\nFinal-Recipient" not in folded and "\r\nAction" not in folded
+    assert all(line.startswith((" ", "Original-Envelope-Id:")) for line in folded.split("\r\n"))

@@ -17,6 +17,8 @@ carried quoted-printable in ``text/rfc822-headers`` so the report itself stays 7
 
 from __future__ import annotations
 
+import re
+
 import quopri
 import textwrap
 from collections.abc import Iterable, Sequence
@@ -144,9 +146,14 @@ def _original_recipient(orcpt: str | None) -> str | None:
 
 # --- the machine part ---------------------------------------------------------------------------
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
+
+
 def _fold(name: str, value: str) -> str:
-    """One header field, folded at spaces so no line exceeds 76 characters where possible."""
-    words = value.split(" ")
+    """One header field, folded at spaces so no line exceeds 76 characters where possible.
+    Control characters (CR and LF above all) become a space: a value that came from a client or
+    a remote server can never add a field or a recipient block to the report."""
+    words = _CONTROLS.sub(" ", value).split(" ")
     lines: list[str] = []
     line = f"{name}:"
     for word in words:

@@ -696,6 +696,17 @@ def xtext_decode(value: str) -> str:
         raise _param_error("xtext does not decode to UTF-8") from None
 
 
+def envid_decode(value: str) -> str:
+    """Decode an ENVID parameter (RFC 3461 4.4): xtext whose decoded value is printable
+    US-ASCII, space included. Control characters are refused (501 5.5.4): the value goes into
+    the Original-Envelope-Id field of every DSN, where a CR LF would add fields of the sender's
+    choosing."""
+    decoded = xtext_decode(value)
+    if any(not (" " <= char <= "~") for char in decoded):
+        raise _param_error("ENVID must decode to printable US-ASCII characters (RFC 3461 4.4)")
+    return decoded
+
+
 def xtext_encode(value: str) -> str:
     """Encode text as RFC 3461 xtext (UTF-8 octets; ``+``, ``=``, SP,
     controls and non-ASCII octets as ``+XX``)."""

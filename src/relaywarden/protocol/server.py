@@ -29,7 +29,7 @@ from enum import Enum, auto
 from .. import status
 from ..status import Reply
 from . import sasl
-from .address import AddressError, Path, parse_mail_from, parse_orcpt, parse_rcpt_to, xtext_decode
+from .address import AddressError, Path, envid_decode, parse_mail_from, parse_orcpt, parse_rcpt_to
 
 
 class State(Enum):
@@ -629,7 +629,7 @@ class SmtpServer:
                 try:
                     if value is None or len(value) > 100:
                         raise AddressError(501, "5.5.4", "ENVID must be xtext of at most 100 characters")
-                    env.envid = xtext_decode(value)
+                    env.envid = envid_decode(value)
                 except AddressError as exc:
                     return status.bad_address(exc.code, exc.enhanced, exc.reason)
             elif key == "AUTH":
