@@ -224,6 +224,21 @@ def test_too_many_recipients(srv, small):
     limit_event(srv, "small", "recipients")
 
 
+def test_recipients_over_the_limit_are_not_errors(srv, small):
+    # max_errors is 5: ten refused recipients must not close the session (RFC 5321 4.5.3.1.10)
+    small.send("MAIL FROM:<sender@example.org>\r\n" + "RCPT TO:<alice@example.test>\r\n" * 13)
+    replies = [small.reply() for _ in range(14)]
+    assert [r.code for r in replies] == [250] * 4 + [452] * 10
+    replies = run_dialog(small, """
+        c: DATA
+        s: 354
+        c: .
+        s: 250 2.0.0
+    """)
+    msg, _ = read_queued(srv.data_dir, queued_id(replies[-1]))
+    assert [r.address for r in msg.recipients] == ["alice@example.test"]
+
+
 def received_lines(n: int) -> str:
     return "".join(f"Received: from hop{i}.example.org by hop{i + 1}.example.org; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
                    for i in range(n))

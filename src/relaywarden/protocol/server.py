@@ -329,10 +329,12 @@ class SmtpServer:
     def _reply(self, reply: Reply) -> None:
         self._out.append(reply.encode())
 
-    def _error(self, reply: Reply, kind: str | None = None, detail: str = "") -> None:
+    def _error(self, reply: Reply, kind: str | None = None, detail: str = "", *, counted: bool = True) -> None:
         self._reply(reply)
         if kind:
             self._events.append(Refused(reply, kind, detail, self._verb))
+        if not counted:
+            return
         self.errors += 1
         if self.errors >= self.opt.max_errors and self._state is not State.CLOSED:
             self._reply(status.too_many_errors())
@@ -646,7 +648,9 @@ class SmtpServer:
             self._error(status.syntax_error("RCPT TO:<address> [parameters]"), "syntax")
             return
         if len(self.envelope.recipients) >= self.opt.max_recipients:
-            self._error(status.too_many_recipients(self.opt.max_recipients), "recipients")
+            # not an error of the client's: RFC 5321 4.5.3.1.10 has it send the rest in another
+            # transaction, and the recipients accepted so far go on to DATA
+            self._error(status.too_many_recipients(self.opt.max_recipients), "recipients", counted=False)
             return
         try:
             path = parse_rcpt_to(arg[3:], smtputf8_offered=True, utf8_session=self.envelope.smtputf8)

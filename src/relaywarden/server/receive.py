@@ -73,8 +73,11 @@ def build_message(*, envelope, data: bytes, listener: str, client_address: str, 
     for rcpt in envelope.recipients:
         decision = rcpt.info
         # The same recipient twice (RCPT repeated, or an address and its alias reaching one
-        # mailbox) is delivered once; each RCPT still got its own 250.
-        key = (str(decision.verdict.value), decision.recipient.casefold() if decision.mailbox is None else "",
+        # mailbox) is delivered once, with the first RCPT's DSN parameters; each RCPT still got
+        # its own 250. A mailbox of ours is one whatever the case of the address; an address we
+        # relay or forward is the same only written the same: its local part is the destination's
+        # to interpret, case included (RFC 5321 2.4), and its domain is lower-cased already.
+        key = (str(decision.verdict.value), decision.recipient if decision.mailbox is None else "",
                decision.mailbox.casefold() if decision.mailbox else decision.route)
         if key in seen:
             continue
