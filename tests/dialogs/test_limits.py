@@ -62,6 +62,18 @@ port = {port:closed}
 tls = "none"
 connections = { mode = "only", entries = ["192.0.2.1"] }
 
+[[listener]]
+name = "relay"
+address = "127.0.0.1"
+port = {port:relay}
+tls = "none"
+relay = { mode = "only", entries = ["127.0.0.1"] }
+
+[[route]]
+name = "default"
+domains = ["*"]
+kind = "mx"
+
 [[domain]]
 name = "example.test"
 
@@ -368,3 +380,34 @@ def test_connection_list(srv):
         assert c.closed_by_peer(5.0)
     event = srv.wait_for_event(lambda e: e["id"] == 1101 and e.get("listener") == "closed")
     assert event["client"] == "127.0.0.1"
+
+
+def test_relayed_addresses_differing_in_case_are_different_recipients(srv):
+    # the local part is the destination's to interpret, case included (RFC 5321 2.4); a mailbox
+    # of ours is one whatever the case, and an exact repeat is delivered once
+    with SmtpConn(srv.ports["relay"]) as c:
+        assert c.cmd("EHLO client.example.org").code == 250
+        replies = run_dialog(c, """
+            c: MAIL FROM:<sender@example.org>
+            s: 250 2.1.0
+            c: RCPT TO:<John.Smith@remote.example>
+            s: 250 2.1.5
+            c: RCPT TO:<john.smith@remote.example>
+            s: 250 2.1.5
+            c: RCPT TO:<JOHN.SMITH@REMOTE.EXAMPLE> NOTIFY=SUCCESS
+            s: 250 2.1.5
+            c: RCPT TO:<john.smith@Remote.Example>
+            s: 250 2.1.5
+            c: RCPT TO:<alice@example.test>
+            s: 250 2.1.5
+            c: RCPT TO:<ALICE@example.test>
+            s: 250 2.1.5
+            c: DATA
+            s: 354
+            c: .
+            s: 250 2.0.0
+        """)
+    msg, _ = read_queued(srv.data_dir, queued_id(replies[-1]))
+    assert [(r.address, r.notify) for r in msg.recipients] == [
+        ("John.Smith@remote.example", ()), ("john.smith@remote.example", ()),
+        ("JOHN.SMITH@remote.example", ("SUCCESS",)), ("alice@example.test", ())]
