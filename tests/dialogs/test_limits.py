@@ -411,3 +411,37 @@ def test_relayed_addresses_differing_in_case_are_different_recipients(srv):
     assert [(r.address, r.notify) for r in msg.recipients] == [
         ("John.Smith@remote.example", ()), ("john.smith@remote.example", ()),
         ("JOHN.SMITH@remote.example", ("SUCCESS",)), ("alice@example.test", ())]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_transparency_dots_count_in_neither_size_nor_line_length(srv, small, split):
+    # 2048 octets is the limit: with "Subject: x", 172 lines of ".abc" and a line of 1000
+    # octets with its CRLF once its dot is removed, the message is 2046 octets, 2219 dot-stuffed
+    # (RFC 5321 4.5.2, 4.5.3.1.6; RFC 1870)
+    start_data(small)
+    stuffed = "Subject: x\r\n\r\n" + "..abc\r\n" * 172 + ".." + "x" * 997 + "\r\n"
+    assert len(stuffed) > 2048 + 2
+    if split:                                     # "\r\n.." split across two reads, in turn after each octet
+        pieces = stuffed.split("\r\n..")
+        for index, piece in enumerate(pieces):
+            small.send(piece)
+            if index < len(pieces) - 1:
+                cut = 1 + index % 3
+                small.send("\r\n.."[:cut])
+                time.sleep(0.001)
+                small.send("\r\n.."[cut:])
+        small.send(".\r\n")
+    else:
+        small.send(stuffed + ".\r\n")
+    reply = small.reply()
+    assert reply.code == 250, reply.last
+    msg, data = read_queued(srv.data_dir, queued_id(reply))
+    body = data.split(b"\r\n\r\n", 1)[1]
+    assert body == (".abc\r\n" * 172 + "." + "x" * 997 + "\r\n").encode()
+    # one octet more without the dots is over the line limit, and the size limit still holds
+    start_data(small)
+    small.send("Subject: x\r\n\r\n.." + "x" * 998 + "\r\n.\r\n")
+    assert small.reply().last.startswith("552 5.3.4 Message refused: a line is longer than 1000")
+    start_data(small)
+    small.send("Subject: x\r\n\r\n" + "..abc\r\n" * 420 + ".\r\n")
+    assert small.reply().last.startswith("552 5.3.4 Message size exceeds")

@@ -180,6 +180,8 @@ class SmtpServer:
         self._data = bytearray()
         self._data_scan = 0
         self._data_oversize = False
+        self._data_stuffed = 0        # transparency dots in _data so far (RFC 5321 4.5.2)
+        self._stuff_scan = 0          # where to count them from next
         self._bdat_left = 0
         self._bdat_last = False
         self._bdat_failed: Reply | None = None
@@ -693,6 +695,8 @@ class SmtpServer:
         self._data = bytearray(b"\r\n")     # a virtual CRLF so ".\r\n" first ends an empty message
         self._data_scan = 0
         self._data_oversize = False
+        self._data_stuffed = 0
+        self._stuff_scan = 0
 
     def _read_data(self) -> bool:
         """Move input into the message; True when the end was found and handled."""
@@ -701,11 +705,17 @@ class SmtpServer:
             self._in.clear()
         end = self._data.find(b"\r\n.\r\n", self._data_scan)
         if end < 0:
+            # The size limit is on the message, not on its transparency dots (RFC 1870): they
+            # are counted as they arrive (a CRLF ".." found from 3 octets before the new input
+            # on, so one split across reads is counted once) and left out.
+            self._data_stuffed += self._data.count(b"\r\n..", self._stuff_scan)
+            self._stuff_scan = max(0, len(self._data) - 3)
             limit = self.opt.max_message_size + 2
-            if len(self._data) > limit:
+            if len(self._data) - self._data_stuffed > limit:
                 self._data_oversize = True
                 tail = bytes(self._data[-4:])
                 self._data = bytearray(b"\r\n" + tail)   # keep just enough to find the end
+                self._data_stuffed = self._stuff_scan = 0
             self._data_scan = max(0, len(self._data) - 4)
             return False
         body = bytes(self._data[2 : end + 2])
@@ -782,7 +792,13 @@ class SmtpServer:
         return True
 
     def _end_message(self, body: bytes, *, dot_stuffed: bool, oversize: bool) -> None:
-        """Check the whole message, then hand it to the driver (or refuse it)."""
+        """Check the whole message, then hand it to the driver (or refuse it). The limits apply
+        to the message without its transparency dots (RFC 5321 4.5.3.1.6, RFC 1870), which
+        removing leaves every CR and LF where it was for the checks on line ends."""
+        if dot_stuffed:
+            if body.startswith(b".."):
+                body = body[1:]
+            body = body.replace(b"\r\n..", b"\r\n.")
         refusal = self._check_body(body, oversize)
         if refusal is not None:
             reply, kind = refusal
@@ -790,10 +806,6 @@ class SmtpServer:
             self.envelope = None
             self.state = State.READY
             return
-        if dot_stuffed:
-            if body.startswith(b".."):
-                body = body[1:]
-            body = body.replace(b"\r\n..", b"\r\n.")
         assert self.envelope is not None
         self._wait(MessageReceived(self.envelope, body), State.READY)
 
