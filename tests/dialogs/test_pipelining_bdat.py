@@ -179,3 +179,23 @@ def test_pipelined_transactions_back_to_back(srv, mx):
         msg, data = read_queued(srv.data_dir, qid)
         assert msg.sender == f"batch{i}@example.org"
         assert body_of(data) == f"Subject: batch {i}\r\n\r\nbody {i}\r\n".encode()
+
+
+@pytest.mark.parametrize("line, code", [
+    (b"BDAT 6 LAST\x00\r\n", 500),                 # NUL
+    ("BDAT 6 LAST \u00e9\r\n".encode(), 500),      # not ASCII, no SMTPUTF8
+    (b"BDAT 6 LAST \xff\r\n", 500),                # not UTF-8
+    (b"BDAT 6\rLAST\r\n", 501),                   # a bare CR
+    (b"bdat 6 " + b"x" * 600 + b"\r\n", 500),      # over the command line limit
+])
+def test_an_unreadable_bdat_line_closes_before_its_chunk_is_read_as_commands(mx, line, code):
+    # the chunk "RSET\r\n" must never be answered as a command: its size is not known
+    run_dialog(mx, """
+        c: MAIL FROM:<sender@example.org>
+        s: 250 2.1.0
+        c: RCPT TO:<alice@example.test>
+        s: 250 2.1.5
+    """)
+    mx.send(line + b"RSET\r\n")
+    assert mx.reply().code == code
+    assert mx.closed_by_peer(5.0)

@@ -379,7 +379,7 @@ class SmtpServer:
                 if len(self._in) > limit:
                     if not self._discard_line:
                         self._discard_line = True
-                        self._error(status.line_too_long(limit), "line-length")
+                        self._line_error(bytes(self._in[:5]), status.line_too_long(limit), "line-length")
                     self._in.clear()
                 return None
             raw = bytes(self._in[: idx + 1])
@@ -388,29 +388,38 @@ class SmtpServer:
                 self._discard_line = False
                 continue
             if len(raw) > limit:
-                self._error(status.line_too_long(limit), "line-length")
+                self._line_error(raw, status.line_too_long(limit), "line-length")
                 continue
             return raw
         return None
 
+    def _line_error(self, raw: bytes, reply: Reply, kind: str, detail: str = "") -> None:
+        """A command line refused before it could be read as a command. When it was a BDAT,
+        the size of the chunk that follows is not known: RFC 3030 leaves no way to find the
+        next command, and its octets must never be read as commands, so the session ends."""
+        self._error(reply, kind, detail)
+        if _BDAT_LINE.match(raw) and self._state is not State.CLOSED:
+            self._close("unreadable BDAT command")
+
     def _command(self, raw: bytes) -> None:
         if not raw.endswith(b"\r\n") or b"\r" in raw[:-2]:
-            self._error(status.syntax_error("lines must end with CRLF, and CR or LF alone is not allowed"), "syntax")
+            self._line_error(raw, status.syntax_error("lines must end with CRLF, and CR or LF alone is not allowed"),
+                             "syntax")
             return
         body = raw[:-2]
         if b"\x00" in body:
-            self._error(status.non_ascii_command(), "non-ascii", "NUL")
+            self._line_error(raw, status.non_ascii_command(), "non-ascii", "NUL")
             return
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
-            self._error(status.non_ascii_command(), "non-ascii", "invalid UTF-8")
+            self._line_error(raw, status.non_ascii_command(), "non-ascii", "invalid UTF-8")
             return
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         self._verb = verb if verb in KNOWN else ""
         if not text.isascii() and not self._utf8_allowed(verb, arg):
-            self._error(status.non_ascii_command(), "non-ascii")
+            self._line_error(raw, status.non_ascii_command(), "non-ascii")
             return
         if verb not in KNOWN:
             self._error(status.unrecognised_command(), "syntax", verb[:20])
@@ -824,6 +833,11 @@ class SmtpServer:
         if len(body) > self.opt.max_data_line and _has_line_longer_than(body, self.opt.max_data_line - 2):
             return status.data_line_too_long(self.opt.max_data_line), "line-length"
         return None
+
+
+# A command line that is a BDAT as far as can be told: the verb, then anything but a letter or
+# digit (a space, the end of the line, a NUL, a byte that is not ASCII...).
+_BDAT_LINE = re.compile(rb"[ \t]*BDAT(?![A-Za-z0-9])", re.IGNORECASE)
 
 
 def _has_line_longer_than(body: bytes, limit: int) -> bool:
