@@ -154,6 +154,10 @@ def unrecognised_command() -> Reply:
     return Reply(500, "5.5.1", "Command unrecognised")
 
 
+def auth_line_too_long() -> Reply:
+    return Reply(500, "5.5.6", "Authentication exchange line is too long; AUTH ended")
+
+
 def line_too_long(limit: int) -> Reply:
     return Reply(500, "5.5.2", f"Line too long (the limit is {limit} octets)")
 

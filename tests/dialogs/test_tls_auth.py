@@ -358,3 +358,17 @@ def test_queue_holds_everything_that_was_acknowledged(srv, submission_tls):
     assert data.startswith(b"Received: from client.example.org ([127.0.0.1])\r\n\tby mx.example.test (relaywarden) with ESMTPSA id ")
     assert data.endswith(b"\r\nSubject: everything kept\r\n\r\nbody\r\n")
     assert msg.size == len(data)
+
+
+def test_an_over_long_auth_response_ends_the_exchange(submission_tls):
+    # RFC 4954 4: 500 5.5.6, and the next line is a command again, not a second response
+    run_dialog(submission_tls, f"""
+        c: AUTH PLAIN
+        s: 334
+        c: {"A" * 13000}
+        s: 500 5.5.6 Authentication exchange line is too long
+        c: NOOP
+        s: 250 2.0.0
+        c: AUTH PLAIN {client_plain(USER, PASSWORD)}
+        s: 235 2.7.0
+    """)

@@ -396,7 +396,14 @@ class SmtpServer:
     def _line_error(self, raw: bytes, reply: Reply, kind: str, detail: str = "") -> None:
         """A command line refused before it could be read as a command. When it was a BDAT,
         the size of the chunk that follows is not known: RFC 3030 leaves no way to find the
-        next command, and its octets must never be read as commands, so the session ends."""
+        next command, and its octets must never be read as commands, so the session ends.
+        In an AUTH exchange the line was the client's response: the exchange ends (RFC 4954
+        4: 500 5.5.6), so that the client's next line is read as a command again."""
+        if self._state is State.AUTH:
+            self._sasl = None
+            self.state = State.READY
+            self._error(status.auth_line_too_long(), "auth", "response too long")
+            return
         self._error(reply, kind, detail)
         if _BDAT_LINE.match(raw) and self._state is not State.CLOSED:
             self._close("unreadable BDAT command")
