@@ -33,3 +33,36 @@ def test_input_is_not_read_while_the_session_waits(start_server):
     # without back-pressure the server would have read all of it (hundreds of MiB in 1.5 s on
     # loopback); with it, only its 256 KiB limit plus what the kernel's socket buffers hold
     assert sent < 64 * 1024 * 1024, sent
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_client_that_does_not_read_its_replies_stops_being_read(start_server):
+    # pipelined EHLOs, each answered with ~200 octets, and no reply read: the replies must not
+    # pile up in the server's memory (the transport asks to pause writing; reading pauses)
+    srv = start_server(QUEUE_ONLY_CONFIG)
+    before = _rss_kib(srv.proc.pid)
+    sock = socket.create_connection(("127.0.0.1", srv.ports["mx"]), timeout=5)
+    sock.recv(1024)
+    sock.setblocking(False)
+    chunk = b"EHLO flood.example\r\n" * 3276            # 64 KiB
+    sent, deadline = 0, time.monotonic() + 1.5
+    while time.monotonic() < deadline and sent < 256 * 1024 * 1024:
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.01)
+    grown = _rss_kib(srv.proc.pid) - before
+    sock.close()
+    assert sent < 64 * 1024 * 1024, sent
+    # without it the server read all it could and grew by its replies: 35 MiB in a measurement
+    assert grown < 16 * 1024, f"the server grew by {grown} KiB"
+    # and it goes on serving others
+    with socket.create_connection(("127.0.0.1", srv.ports["mx"]), timeout=5) as other:
+        assert other.recv(1024).startswith(b"220 ")

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 UNKNOWN_CLIENT = "unknown"     # the client behind a proxy that did not say who it is
 _MAX_BUFFERED = 256 * 1024     # input held in memory while the session waits, before reading pauses
+# Commands are fed to the protocol core in pieces of this size, so that a client that pipelines
+# without reading the replies is stopped (reading pauses) after about one piece's replies more
+# than the transport's write buffer holds, instead of after everything it sent.
+_COMMAND_SLICE = 4096
 
 _REFUSAL_EVENTS = {
     "smuggling": EventId.SMUGGLING_REFUSED,
@@ -61,6 +65,8 @@ class SmtpSession(asyncio.Protocol):
         self._proxy_buf: bytearray | None = None
         self._early: bytearray | None = None      # input that arrived before the greeting
         self._reading_paused = False
+        self._write_blocked = False     # the client does not read its replies (pause_writing)
+        self._unfed: bytes = b""        # input not given to the core while it is blocked
         # Decrypted bytes that arrive after the handshake but before _starttls() resumes
         # (a fast client's first command can come with its Finished message): kept, not lost.
         self._tls_early: bytearray | None = None
@@ -156,10 +162,51 @@ class SmtpSession(asyncio.Protocol):
             return
         if self.core is None:
             return
-        self.core.receive(data)
-        self._pump()
-        if self.core.waiting:
-            self._hold_input(self.core.buffered)
+        if self._unfed:
+            self._unfed += data
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Give input to the core, in slices while it reads commands: after each, a client whose
+        replies pile up unread (the transport asked to pause writing) stops being read."""
+        core_ = self.core
+        assert core_ is not None
+        start, end = 0, len(data)
+        while start < end:
+            if end - start <= _COMMAND_SLICE or core_.state in (core.State.DATA, core.State.BDAT):
+                piece, start = (data[start:] if start else data), end
+            else:
+                piece, start = data[start:start + _COMMAND_SLICE], start + _COMMAND_SLICE
+            core_.receive(piece)
+            self._pump()
+            if core_.closed:
+                return
+            if self._write_blocked and start < end:
+                self._unfed = data[start:]
+                self._pause_input()
+                return
+        if core_.waiting:
+            self._hold_input(core_.buffered)
+
+    def pause_writing(self) -> None:
+        self._write_blocked = True
+        self._pause_input()
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        unfed, self._unfed = self._unfed, b""
+        if unfed and self.core is not None and not self.core.closed:
+            self._feed(unfed)
+        c = self.core
+        if (not self._write_blocked and not self._unfed and c is not None and not c.waiting
+                and self._early is None and self._tls_early is None):
+            self._release_input()
+
+    def _pause_input(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+            self._reading_paused = True
 
     def _hold_input(self, buffered: int) -> None:
         """Stop reading while a client that must wait (for a commit, a password check, a DNS
@@ -169,6 +216,8 @@ class SmtpSession(asyncio.Protocol):
             self._reading_paused = True
 
     def _release_input(self) -> None:
+        if self._write_blocked or self._unfed:
+            return          # resume_writing reads on once the client has taken its replies
         if self._reading_paused and self.transport is not None and not self.transport.is_closing():
             self._reading_paused = False
             self.transport.resume_reading()
