@@ -72,6 +72,8 @@ class SmtpSession(asyncio.Protocol):
         self._tls_early: bytearray | None = None
         self._counted = False
         self._ended = False
+        self._gone = False              # the client has closed the connection
+        self._committing = False        # a message is with the queue; its answer is awaited
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -149,10 +151,15 @@ class SmtpSession(asyncio.Protocol):
             auth_user=self.core.auth_user if self.core else None,
         )
 
-    def data_received(self, data: bytes) -> None:
+    def _touch(self) -> None:
+        """The session's deadline: the data timeout while message data is read, else the
+        command timeout, counted from now."""
         self.deadline = time.monotonic() + (
             self.rt.limits.data_timeout if self.core and self.core.state in (core.State.DATA, core.State.BDAT)
             else self.rt.limits.command_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self._touch()
         if self._proxy_buf is not None:
             self._proxy_header(data)
             return
@@ -188,6 +195,7 @@ class SmtpSession(asyncio.Protocol):
                 return
         if core_.waiting:
             self._hold_input(core_.buffered)
+        self._touch()            # "DATA" and the first data in one read: the data timeout now
 
     def pause_writing(self) -> None:
         self._write_blocked = True
@@ -266,6 +274,9 @@ class SmtpSession(asyncio.Protocol):
         if self._counted:
             self.rt.client_counted(self.client[0], -1)
             self._counted = False
+        self._gone = True
+        if self.core is not None and self.core.waiting and self._committing:
+            return              # the summary follows the queue's answer (_queued), with its message
         self._summary()
 
     def _summary(self) -> None:
@@ -455,6 +466,7 @@ class SmtpSession(asyncio.Protocol):
             envelope=env, data=header + ev.data, listener=self.rt.name, client_address=self.client[0],
             client_port=self.client[1], helo=c.helo or "", auth_user=c.auth_user, tls=self.tls_info,
             session_id=self.id)
+        self._committing = True
         try:
             srv.queue.submit_to(srv.loop, msg, lambda result, exc: self._queued(result, exc, msg),
                                 with_ids=srv.runner is not None)
@@ -464,7 +476,9 @@ class SmtpSession(asyncio.Protocol):
     def _queued(self, result, exc: BaseException | None, msg) -> None:
         """The queue's answer: reply first (the client is owed it), then log and wake the runner.
         A message committed after its client went away is still queued, logged and delivered."""
+        self._committing = False
         open_ = self.core is not None and not self.core.closed
+        left = self._gone or not open_
         if exc is None:
             qid, recipient_ids = result if self.server.runner is not None else (result, None)
             if open_:
@@ -475,7 +489,7 @@ class SmtpSession(asyncio.Protocol):
                 self.server.doorbell.ring(qid)                       # the delivery process starts on it
             self.server.emit(EventId.MESSAGE_QUEUED, self, message_id=qid, text=(
                 f"queued {qid} from <{msg.sender}> for {len(msg.recipients)} recipient(s), {len(msg.data)} octets"
-                + ("" if open_ else "; the client left before the 250")),
+                + ("; the client left before the 250" if left else "")),
                 sender=msg.sender, recipients=[r.address for r in msg.recipients], size=len(msg.data))
         else:
             reply = status.storage_full() if isinstance(exc, QueueFull) else status.queue_error()
@@ -484,7 +498,9 @@ class SmtpSession(asyncio.Protocol):
                 self.core.message_result(reply)
             self.server.emit(EventId.QUEUE_ERROR, self, text=f"message from <{msg.sender}> not queued: {exc}; answered {reply}",
                              reply=str(reply), error=str(exc))
-        if open_:
+        if self._gone:
+            self._summary()          # postponed by connection_lost until this answer
+        elif open_:
             self._pump()
 
 
