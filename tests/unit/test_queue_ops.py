@@ -205,6 +205,14 @@ def test_bounce_replaces_the_message_with_a_proper_ndr(queue, ops, tmp_path):
     assert [k["recipient"] for _, k in events] == ["one@dest.test", "two@dest.test"]
     assert all(a[0] == 4001 and k["ndr"] == ndr_id for a, k in events)
     jsonschema.validate(result.as_dict(), schema("queue-bulk.json"))
+    # `ndr explain` reads our own NDR back as what it is (its DSN part carries no command)
+    from relaywarden.cli.ndr_cmd import explain_recipient
+    from relaywarden.dsn.causes import RETURNED_BY_ADMIN
+    from relaywarden.dsn.parse import read_bounce
+
+    read = read_bounce(queue.message_data(ndr_id))
+    assert [r.address for r in read.recipients] == ["one@dest.test", "two@dest.test"]
+    assert {explain_recipient(r).key for r in read.recipients} == {RETURNED_BY_ADMIN.key}
 
 
 def test_bounce_skips_a_message_that_changed_meanwhile(queue):

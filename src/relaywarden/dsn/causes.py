@@ -380,8 +380,9 @@ _5XX = _set("5xx")
 _NONE = _set("none")
 
 RULES: tuple[Rule, ...] = (
-    # The operator's `relaywarden queue bounce` (queue/ops.py: admin_bounce_result).
-    Rule(RETURNED_BY_ADMIN, commands=_set("LOCAL"), pattern=_re(
+    # The operator's `relaywarden queue bounce` (queue/ops.py: admin_bounce_result); "" also
+    # matches the NDR read back by `ndr explain`, whose DSN part does not carry the command.
+    Rule(RETURNED_BY_ADMIN, commands=_set("LOCAL", ""), pattern=_re(
         r"returned to the sender by the mail administrator", '"returned to the sender by the mail administrator"')),
     # Our own and remote conditions identified by their enhanced code.
     Rule(NULL_MX, enhanced=_set("x.1.10")),
