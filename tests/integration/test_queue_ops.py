@@ -163,7 +163,7 @@ def test_thousands_deferred_then_held_retried_released_bounced_and_deleted(world
     assert count(srv, states=("hold",)) == 1800 and count(srv, states=("hold",), auth_user="alice@example.test") == 0
 
     [one] = rw_json(srv, "queue-list.json", "queue", "list", "--user", "mallory@example.test", "--limit", "1")["messages"]
-    shown = rw_json(srv, "queue-show.json", "queue", "show", one["id"][:12])
+    shown = rw_json(srv, "queue-show.json", "queue", "show", one["id"][:20])
     assert shown["state"] == "hold" and shown["auth_user"] == "mallory@example.test"
     [r0] = shown["recipients"]
     assert r0["state"] == "deferred" and r0["attempts"] == 1 and r0["last_result"]["reply_code"] // 100 == 4
