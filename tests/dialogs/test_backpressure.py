@@ -1,11 +1,24 @@
-"""A client that keeps sending while its session waits (here: the delay after a failed AUTH) is
-not read into memory: the server stops reading, and the kernel's buffers fill up instead."""
+"""A client that keeps sending while its session waits (here: the delay after a failed AUTH), or
+that does not read its replies, is not read into memory: the server stops reading, and the
+kernel's buffers fill up instead."""
 
 import base64
 import socket
 import time
 
 from tests.support.server import QUEUE_ONLY_CONFIG
+
+
+def flood(sock: socket.socket, chunk: bytes, seconds: float = 1.5) -> int:
+    """Send ``chunk`` again and again for ``seconds`` (at most 256 MiB); how much was sent."""
+    sock.setblocking(False)
+    sent, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline and sent < 256 * 1024 * 1024:
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.01)
+    return sent
 
 
 def test_input_is_not_read_while_the_session_waits(start_server):
@@ -21,14 +34,7 @@ def test_input_is_not_read_while_the_session_waits(start_server):
     bad = base64.b64encode(b"\0alice@example.test\0wrong").decode()
     sock.sendall(f"AUTH PLAIN {bad}\r\n".encode())
     time.sleep(0.2)                                   # the failed AUTH now waits 3 s
-    sock.setblocking(False)
-    chunk = b"NOOP\r\n" * 10922                       # 64 KiB
-    sent, deadline = 0, time.monotonic() + 1.5
-    while time.monotonic() < deadline and sent < 256 * 1024 * 1024:
-        try:
-            sent += sock.send(chunk)
-        except BlockingIOError:
-            time.sleep(0.01)
+    sent = flood(sock, b"NOOP\r\n" * 10922)          # 64 KiB at a time
     sock.close()
     # without back-pressure the server would have read all of it (hundreds of MiB in 1.5 s on
     # loopback); with it, only its 256 KiB limit plus what the kernel's socket buffers hold
@@ -50,14 +56,7 @@ def test_a_client_that_does_not_read_its_replies_stops_being_read(start_server):
     before = _rss_kib(srv.proc.pid)
     sock = socket.create_connection(("127.0.0.1", srv.ports["mx"]), timeout=5)
     sock.recv(1024)
-    sock.setblocking(False)
-    chunk = b"EHLO flood.example\r\n" * 3276            # 64 KiB
-    sent, deadline = 0, time.monotonic() + 1.5
-    while time.monotonic() < deadline and sent < 256 * 1024 * 1024:
-        try:
-            sent += sock.send(chunk)
-        except BlockingIOError:
-            time.sleep(0.01)
+    sent = flood(sock, b"EHLO flood.example\r\n" * 3276)   # 64 KiB at a time
     grown = _rss_kib(srv.proc.pid) - before
     sock.close()
     assert sent < 64 * 1024 * 1024, sent
