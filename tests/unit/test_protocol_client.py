@@ -601,3 +601,58 @@ def test_idle_connection_closed_by_peer_reports_itself():
     c = ready_client()
     c.connection_lost()
     assert c.closed and "idle" in c.failure.remote_text
+
+
+# --- replies that do not fit the command they answer (a broken or out-of-step next hop) -----------
+
+@pytest.mark.parametrize("pipelining, replies, command", [
+    (False, [b"250 ok\r\n", b"250 ok\r\n", b"250 2.0.0 ok whatever\r\n"], "DATA"),   # 250 to DATA
+    (False, [b"250 ok\r\n", b"250 ok\r\n", b"220 hello\r\n"], "DATA"),
+    (False, [b"354 go on\r\n"], "MAIL"),                                             # 354 to MAIL
+    (False, [b"250 ok\r\n", b"354 go on\r\n"], "RCPT"),
+    (True, [b"354 go on\r\n250 2.1.5 ok\r\n250 2.0.0 ok\r\n"], "MAIL"),              # out of step
+])
+def test_a_reply_that_does_not_fit_its_command_is_never_a_delivery(pipelining, replies, command):
+    # only 354 lets the data go (RFC 5321 4.3.2): any other positive reply to DATA means the
+    # message was not sent, whatever the server claims; the message is tried again later
+    c = ready_client(*(["PIPELINING"] if pipelining else []))
+    c.send_message(msg("bob@example.org"))
+    for reply in replies:
+        sent(c)
+        c.receive(reply)
+    [r] = result_of(c).results
+    assert not r.delivered and r.reply_code is None and not r.permanent, r
+    assert r.command == command and "protocol error" in r.remote_text
+    assert c.closed
+
+
+def test_a_3xx_to_the_end_of_data_is_not_a_delivery():
+    c = ready_client()
+    c.send_message(msg("bob@example.org"))
+    for reply in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n", b"354 again\r\n"):
+        sent(c)
+        c.receive(reply)
+    [r] = result_of(c).results
+    assert not r.delivered and not r.permanent and r.command == "END-OF-DATA"
+
+
+def test_a_huge_reply_is_kept_shortened():
+    c = ready_client()
+    c.send_message(msg("bob@example.org"))
+    sent(c)
+    c.receive(b"250 ok\r\n")
+    sent(c)
+    c.receive(b"".join(b"550-5.1.1 " + b"x" * 3000 + b"\r\n" for _ in range(200)) + b"550 5.1.1 end\r\n")
+    [r] = result_of(c).results
+    assert r.permanent and r.reply_code == 550
+    assert len(r.remote_text) < 900 and r.remote_text.endswith("more characters)")
+
+
+def test_steps_count_commands_and_replies():
+    # what the driver times each reply from
+    c = SmtpClient(opts())
+    assert c.steps == 0
+    c.receive(b"220 mx.example.org ESMTP\r\n")              # a reply, and EHLO sent
+    assert c.steps == 2
+    c.receive(b"250-mx.example.org\r\n")                    # half a reply: no step
+    assert c.steps == 2

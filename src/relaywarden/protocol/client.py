@@ -306,6 +306,7 @@ class SmtpClient:
         self._events: deque[Event] = deque()
         self._expect: deque[tuple[str, int]] = deque()   # (command, recipient index) per awaited reply
         self._pending: OutMessage | None = None
+        self.steps = 0                    # commands sent and replies read: the driver times each reply from the last step
         self._tx: _Transaction | None = None
         self._starttls_refused = False
         self._auth_mech: str | None = None
@@ -412,6 +413,7 @@ class SmtpClient:
     # --- replies ------------------------------------------------------------------------------
 
     def _dispatch(self, reply: Reply) -> None:
+        self.steps += 1
         if not self._expect:
             if reply.code == 421:
                 self._fail(reply, "CONNECT", None)
@@ -638,6 +640,9 @@ class SmtpClient:
     def _on_mail(self, reply: Reply, index: int) -> None:
         tx = self._tx
         assert tx is not None
+        if 300 <= reply.code < 400:
+            self._protocol_error(f"MAIL answered with {str(reply)[:80]!r}", "MAIL")
+            return
         tx.mail_answered = True
         if not reply.is_positive:
             tx.mail_reply = reply
@@ -653,6 +658,9 @@ class SmtpClient:
     def _on_rcpt(self, reply: Reply, index: int) -> None:
         tx = self._tx
         assert tx is not None
+        if 300 <= reply.code < 400:
+            self._protocol_error(f"RCPT answered with {str(reply)[:80]!r}", "RCPT")
+            return
         if tx.mail_reply is None:
             if reply.is_positive:
                 tx.accepted.append(index)
@@ -671,11 +679,18 @@ class SmtpClient:
                 self._finish()
             return
         if reply.code != 354:
+            if reply.code < 400:
+                # Only 354 lets the data go (RFC 5321 4.3.2): a 2xx here is no delivery, the
+                # message was never sent (a broken or out-of-step server); try again later.
+                self._protocol_error(f"DATA answered with {str(reply)[:80]!r} instead of 354; "
+                                     "the message was not sent", "DATA")
+                return
             self._settle(self._remote(reply, "DATA"))
             self._finish()
             return
         self._out.append(dot_stuff(tx.message.data))
         self._expect.append(("END-OF-DATA", -1))
+        self.steps += 1
 
     def _on_empty_data(self, reply: Reply, index: int) -> None:
         self.clean = True
@@ -683,6 +698,9 @@ class SmtpClient:
 
     def _on_end_of_data(self, reply: Reply, index: int) -> None:
         assert self._tx is not None
+        if 300 <= reply.code < 400:
+            self._protocol_error(f"the end of data answered with {str(reply)[:80]!r}", "END-OF-DATA")
+            return
         self._settle(self._remote(reply, "END-OF-DATA"))
         self.clean = True
         self._finish()
@@ -711,7 +729,7 @@ class SmtpClient:
 
     def _remote(self, reply: Reply, command: str) -> DeliveryResult:
         return DeliveryResult(reply.code, reply.enhanced, self.opt.remote_host, self.opt.remote_address,
-                              " ".join(reply.text.split("\n")), command, reply.is_permanent)
+                              _kept_text(reply), command, reply.is_permanent)
 
     def _own(self, permanent: bool, command: str, enhanced: str | None, text: str) -> DeliveryResult:
         return DeliveryResult(None, enhanced, self.opt.remote_host, self.opt.remote_address, text, command, permanent)
@@ -720,15 +738,15 @@ class SmtpClient:
         result = self._own(True, command, enhanced, text)
         tx.results = [r if r is not None else result for r in tx.results]
 
-    def _protocol_error(self, detail: str) -> None:
-        command = self.awaiting or "CONNECT"
+    def _protocol_error(self, detail: str, command: str | None = None) -> None:
+        command = command or self.awaiting or "CONNECT"
         self._fail(None, command, f"protocol error talking to {self._peer()} after {command}: {detail}")
 
     def _fail(self, reply: Reply | None, command: str, text: str | None, *, permanent: bool = False) -> None:
         """The session cannot go on: every open recipient gets this result; the session ends."""
         if reply is not None:
             result = DeliveryResult(reply.code, reply.enhanced, self.opt.remote_host, self.opt.remote_address,
-                                    " ".join(reply.text.split("\n")), command, permanent)
+                                    _kept_text(reply), command, permanent)
         else:
             result = self._own(permanent, command, None, text or "session failed")
         self.failure = result
@@ -753,3 +771,16 @@ class SmtpClient:
             raise ValueError("a command line must not contain CR or LF")
         self._out.append(line.encode("utf-8") + b"\r\n")
         self._expect.append((command, index))
+        self.steps += 1
+
+
+MAX_KEPT_REPLY = 800
+"""Characters of a remote reply kept for the queue, the event log and the NDR: a reply may be
+256 lines of 4 KiB, and an NDR's text lines must stay under 998 octets (RFC 5322 2.1.1)."""
+
+
+def _kept_text(reply: Reply) -> str:
+    text = " ".join(reply.text.split("\n"))
+    if len(text) <= MAX_KEPT_REPLY:
+        return text
+    return f"{text[:MAX_KEPT_REPLY]}... ({len(text) - MAX_KEPT_REPLY} more characters)"
