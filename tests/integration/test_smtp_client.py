@@ -627,3 +627,72 @@ def test_opportunistic_tls_falls_back_to_plaintext_after_a_failed_handshake():
     assert r.all_delivered and r.tls is None
     assert sessions == [[b"EHLO", b"STARTTLS"], [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"]]
 
+
+
+def test_a_reply_dripping_one_octet_at_a_time_still_times_out():
+    # the timeout is for the whole reply (RFC 5321 4.5.3.2), not for each read
+    async def run() -> tuple[AttemptResult, float]:
+        async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            for octet in b"220-peer ESMTP\r\n220-slowly\r\n220-slowly\r\n220 done\r\n":
+                writer.write(bytes([octet]))
+                await asyncio.sleep(0.1)                  # 5 s for the whole greeting
+            await reader.read()
+            writer.close()
+
+        server = await asyncio.start_server(peer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        start = time.monotonic()
+        result = await deliver("127.0.0.1", port, helo="relay.example.test", sender="a@example.test",
+                               recipients=[OutRcpt("b@example.org")], data=BODY, tls="none", timeout=1.0)
+        elapsed = time.monotonic() - start
+        server.close()
+        return result, elapsed
+
+    result, elapsed = asyncio.run(run())
+    assert codes(result) == [(None, None, "CONNECT", False)]
+    assert "timeout" in result.results[0].remote_text
+    assert elapsed < 3.0, elapsed
+
+
+def test_a_reply_that_arrives_unasked_while_the_session_is_idle_retires_the_session():
+    # a second reply after the end of data would answer the next MAIL: the session is not reused
+    async def run() -> tuple[list[AttemptResult], list[list[bytes]]]:
+        seen: list[list[bytes]] = []
+
+        async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            verbs: list[bytes] = []
+            seen.append(verbs)
+            writer.write(b"220 peer ESMTP\r\n")
+            while line := await reader.readline():
+                verb = line.split()[0].upper()
+                verbs.append(verb)
+                if verb == b"DATA":
+                    writer.write(b"354 go\r\n")
+                    while (await reader.readline()) not in (b".\r\n", b""):
+                        pass
+                    writer.write(b"250 2.0.0 queued\r\n")
+                    await asyncio.sleep(0.05)
+                    writer.write(b"250 2.0.0 extra\r\n")   # nobody asked
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    break
+                else:
+                    writer.write(b"250 ok\r\n")
+            writer.close()
+
+        server = await asyncio.start_server(peer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        results = []
+        async with SessionPool(idle_timeout=5) as pool:
+            for rcpt in ("b@example.org", "c@example.org"):
+                results.append(await pool.deliver("127.0.0.1", port, helo="relay.example.test",
+                                                  sender="a@example.test", recipients=[OutRcpt(rcpt)],
+                                                  data=BODY, tls="none", timeout=5))
+                await asyncio.sleep(0.3)                      # the extra reply arrives meanwhile
+        server.close()
+        await server.wait_closed()
+        return results, seen
+
+    results, seen = asyncio.run(run())
+    assert all(r.all_delivered for r in results) and [r.reused for r in results] == [False, False]
+    assert [v[:4] for v in seen] == [[b"EHLO", b"MAIL", b"RCPT", b"DATA"]] * 2   # a new connection each

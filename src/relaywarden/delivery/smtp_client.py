@@ -103,6 +103,8 @@ class _Session:
         self.address = address
         self.tls: str | None = None
         self.messages = 0
+        self._deadline = 0.0              # when the reply now awaited is late
+        self._deadline_step = -1          # client.steps when that deadline was set
 
     async def run_until(self, wanted: Callable[[Event], bool], timeout: float) -> Event | None:
         """Drive the client until an event ``wanted`` (returned) or the session closes (Closed)."""
@@ -127,8 +129,10 @@ class _Session:
             await self._read(timeout)
 
     def alive(self) -> bool:
-        """Not closed by either side, as far as this end knows."""
-        return not self.reader.at_eof() and not self.writer.is_closing()
+        """Not closed by either side, as far as this end knows, and nothing arrived unasked
+        while it was idle (a reply nobody waits for would answer the next command)."""
+        return (not self.reader.at_eof() and not self.writer.is_closing()
+                and not getattr(self.reader, "_buffer", b""))
 
     async def _flush(self, timeout: float) -> bool:
         out = self.client.take_output()
@@ -150,9 +154,15 @@ class _Session:
         return True
 
     async def _read(self, timeout: float) -> None:
+        """Read more of the awaited reply. The timeout is for the whole reply (RFC 5321
+        4.5.3.2), not for each read: a server that drips one octet at a time still times out."""
         wait = self.dest.timeouts.data if self.client.awaiting == "END-OF-DATA" else timeout
+        loop = asyncio.get_running_loop()
+        if self.client.steps != self._deadline_step:      # a command went out or a reply came
+            self._deadline_step = self.client.steps
+            self._deadline = loop.time() + wait
         try:
-            async with asyncio.timeout(wait):
+            async with asyncio.timeout_at(self._deadline):
                 data = await self.reader.read(READ_SIZE)
         except (TimeoutError, asyncio.TimeoutError):
             self.client.timeout(wait)
@@ -383,7 +393,12 @@ class SessionPool:
             timer = self._timers.pop(session, None)
             if timer is not None:
                 timer.cancel()
-            if session.client.ready and session.client.clean and session.alive():
+            if not session.alive():
+                # Closed, or a reply came that nobody asked for: it would answer the next
+                # command (RSET included), and every reply after it would be one off.
+                await _finish_session(session)
+                continue
+            if session.client.ready and session.client.clean:
                 # The last transaction ended with the reply to its end of data: the server
                 # waits for MAIL, so no RSET round trip (a session that died meanwhile is
                 # found by the MAIL, and the message then goes on a new connection).
