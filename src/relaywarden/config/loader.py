@@ -224,15 +224,15 @@ def file_problems(loaded: LoadedConfig) -> list[str]:
     for index, listener in enumerate(loaded.config.listener):
         if listener.tls.value == "none":
             continue
-        for field in ("certificate", "key"):
-            name = getattr(listener, field)
+        for key in ("certificate", "key"):
+            name = getattr(listener, key)
             if name is None:
                 continue
             path = Path(name)
             if not path.is_file() or not os.access(path, os.R_OK):
                 why = "does not exist" if not path.exists() else "is not a readable file"
-                problems.append(f"{loaded.source.where('listener', index, field)}: listener[{index}].{field}: "
-                                f"{name} {why}: give the path of the PEM {field} (relative to the directory "
+                problems.append(f"{loaded.source.where('listener', index, key)}: listener[{index}].{key}: "
+                                f"{name} {why}: give the path of the PEM {key} (relative to the directory "
                                 "serve runs in), or remove certificate and key for a self-signed pair")
     return problems
 
