@@ -293,9 +293,10 @@ def test_pool_idle_session_is_quit_after_idle_timeout():
     assert asyncio.run(run()) == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"]
 
 
-async def _scripted_peer(seen: list[list[bytes]], answer) -> tuple[asyncio.base_events.Server, int]:
+async def _scripted_peer(seen: list[list[bytes]], answer, late: bytes = b"") -> tuple[asyncio.base_events.Server, int]:
     """A peer that records each connection's verbs; ``answer(verb, connection, count)`` gives the
-    reply (None: hang up) — ``count`` is how often that verb came on that connection."""
+    reply (None: hang up) — ``count`` is how often that verb came on that connection. ``late``
+    is sent 50 ms after each reply to the end of data, unasked."""
     async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         verbs: list[bytes] = []
         seen.append(verbs)
@@ -314,6 +315,9 @@ async def _scripted_peer(seen: list[list[bytes]], answer) -> tuple[asyncio.base_
                 while (await reader.readline()) not in (b".\r\n", b""):
                     pass
                 writer.write(b"250 2.0.0 ok\r\n")
+                if late:
+                    await asyncio.sleep(0.05)
+                    writer.write(late)
             if verb == b"QUIT":
                 break
         writer.close()
@@ -327,15 +331,17 @@ def _ordinary(verb: bytes, connection: int, count: int) -> bytes:
             b"QUIT": b"221 bye\r\n"}.get(verb, b"250 ok\r\n")
 
 
-def _pool_run(answer, recipients: list[str]) -> tuple[list[AttemptResult], list[list[bytes]]]:
+def _pool_run(answer, recipients: list[str], *, late: bytes = b"", pause: float = 0.0
+              ) -> tuple[list[AttemptResult], list[list[bytes]]]:
     async def run() -> tuple[list[AttemptResult], list[list[bytes]]]:
         seen: list[list[bytes]] = []
-        server, port = await _scripted_peer(seen, answer)
+        server, port = await _scripted_peer(seen, answer, late)
         results = []
         async with SessionPool(idle_timeout=5) as pool:
             for rcpt in recipients:
                 results.append(await pool.deliver("127.0.0.1", port, helo="relay.example.test", sender="a@example.test",
                                                   recipients=[OutRcpt(rcpt)], data=BODY, tls="none", timeout=5))
+                await asyncio.sleep(pause)
         server.close()
         await server.wait_closed()
         return results, seen
@@ -656,43 +662,7 @@ def test_a_reply_dripping_one_octet_at_a_time_still_times_out():
 
 def test_a_reply_that_arrives_unasked_while_the_session_is_idle_retires_the_session():
     # a second reply after the end of data would answer the next MAIL: the session is not reused
-    async def run() -> tuple[list[AttemptResult], list[list[bytes]]]:
-        seen: list[list[bytes]] = []
-
-        async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            verbs: list[bytes] = []
-            seen.append(verbs)
-            writer.write(b"220 peer ESMTP\r\n")
-            while line := await reader.readline():
-                verb = line.split()[0].upper()
-                verbs.append(verb)
-                if verb == b"DATA":
-                    writer.write(b"354 go\r\n")
-                    while (await reader.readline()) not in (b".\r\n", b""):
-                        pass
-                    writer.write(b"250 2.0.0 queued\r\n")
-                    await asyncio.sleep(0.05)
-                    writer.write(b"250 2.0.0 extra\r\n")   # nobody asked
-                elif verb == b"QUIT":
-                    writer.write(b"221 bye\r\n")
-                    break
-                else:
-                    writer.write(b"250 ok\r\n")
-            writer.close()
-
-        server = await asyncio.start_server(peer, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        results = []
-        async with SessionPool(idle_timeout=5) as pool:
-            for rcpt in ("b@example.org", "c@example.org"):
-                results.append(await pool.deliver("127.0.0.1", port, helo="relay.example.test",
-                                                  sender="a@example.test", recipients=[OutRcpt(rcpt)],
-                                                  data=BODY, tls="none", timeout=5))
-                await asyncio.sleep(0.3)                      # the extra reply arrives meanwhile
-        server.close()
-        await server.wait_closed()
-        return results, seen
-
-    results, seen = asyncio.run(run())
+    results, seen = _pool_run(_ordinary, ["b@example.org", "c@example.org"], late=b"250 2.0.0 extra\r\n",
+                              pause=0.3)
     assert all(r.all_delivered for r in results) and [r.reused for r in results] == [False, False]
     assert [v[:4] for v in seen] == [[b"EHLO", b"MAIL", b"RCPT", b"DATA"]] * 2   # a new connection each
