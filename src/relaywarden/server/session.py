@@ -159,20 +159,22 @@ class SmtpSession(asyncio.Protocol):
             else self.rt.limits.command_timeout)
 
     def data_received(self, data: bytes) -> None:
-        self._touch()
         if self._proxy_buf is not None:
+            self._touch()
             self._proxy_header(data)
             return
         if self._tls_early is not None:
+            self._touch()
             self._tls_early += data
             self._hold_input(len(self._tls_early))
             return
         if self.core is None:
             return
         if self._unfed:
+            self._touch()
             self._unfed += data
             return
-        self._feed(data)
+        self._feed(data)             # sets the deadline after reading, in the state it leaves
 
     def _feed(self, data: bytes) -> None:
         """Give input to the core, in slices while it reads commands: after each, a client whose
@@ -192,6 +194,7 @@ class SmtpSession(asyncio.Protocol):
             if self._write_blocked and start < end:
                 self._unfed = data[start:]
                 self._pause_input()
+                self._touch()
                 return
         if core_.waiting:
             self._hold_input(core_.buffered)
@@ -219,9 +222,8 @@ class SmtpSession(asyncio.Protocol):
     def _hold_input(self, buffered: int) -> None:
         """Stop reading while a client that must wait (for a commit, a password check, a DNS
         answer, the TLS handshake) keeps sending: its input stays in the kernel, not in memory."""
-        if buffered > _MAX_BUFFERED and not self._reading_paused and self.transport is not None:
-            self.transport.pause_reading()
-            self._reading_paused = True
+        if buffered > _MAX_BUFFERED:
+            self._pause_input()
 
     def _release_input(self) -> None:
         if self._write_blocked or self._unfed:
