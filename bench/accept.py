@@ -346,7 +346,7 @@ def machine() -> dict:
     pf = subprocess.run(["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True)
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
-            "python": platform.python_version(), "postfix": pf.stdout.strip()}
+            "python": f"{platform.python_version()} ({os.path.realpath(sys.executable)})", "postfix": pf.stdout.strip()}
 
 
 def median(values: list[float]) -> float:
