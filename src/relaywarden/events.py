@@ -495,16 +495,31 @@ def build_record(event: EventId, *, text: str, moment: datetime | str, top: Mapp
                  fields: Mapping[str, Any]) -> dict:
     """The record ``EventLog.emit`` writes; keys whose value is None are left out. ``moment``
     is a datetime or its text as ``format_time`` writes it."""
-    definition = CATALOG[event]
-    record: dict[str, Any] = {
-        "time": moment if type(moment) is str else format_time(moment),
-        "id": int(event),
-        "name": event.name,
-        "severity": definition.severity.value,
-    }
-    for key, value in top.items():
-        if value is not None:
-            record[key] = _jsonable(value)
+    return _record(event, moment if type(moment) is str else format_time(moment), text,
+                   top.get("listener"), top.get("client"), top.get("user"), top.get("session"),
+                   top.get("message_id"), fields)
+
+
+# What every record of an event starts with (id, name, severity) and whether it is flushed at once.
+_HEADS: dict[EventId, tuple[int, str, str, bool]] = {
+    d.id: (int(d.id), d.id.name, d.severity.value, d.severity is not Severity.INFO) for d in _DEFINITIONS}
+
+
+def _record(event: EventId, moment: str, text: str, listener: Any, client: Any, user: Any,
+            session: Any, message_id: Any, fields: Mapping[str, Any]) -> dict:
+    number, name, severity, _ = _HEADS[event]
+    record: dict[str, Any] = {"time": moment, "id": number, "name": name, "severity": severity}
+    # the five top-level keys, in this order, when set (almost always strings: no walk)
+    if listener is not None:
+        record["listener"] = listener if type(listener) is str else _jsonable(listener)
+    if client is not None:
+        record["client"] = client if type(client) is str else _jsonable(client)
+    if user is not None:
+        record["user"] = user if type(user) is str else _jsonable(user)
+    if session is not None:
+        record["session"] = session if type(session) is str else _jsonable(session)
+    if message_id is not None:
+        record["message_id"] = message_id if type(message_id) is str else _jsonable(message_id)
     record["text"] = text if type(text) is str else _safe_str(text)
     record["fields"] = _plain_fields(fields)
     return record
@@ -571,13 +586,10 @@ class EventLog:
         """Log one event and return its record (exactly what was written, as JSON types)."""
         if type(event) is not EventId:
             event = EventId(event)
-        top = {"listener": listener, "client": client, "user": user, "session": session,
-               "message_id": message_id}
-        moment = now_text() if self._clock is _utc_now else self._clock()
-        record = build_record(event, text=text, moment=moment, top=top, fields=fields)
-        line = _encode(record) + "\n"
-        data = line.encode("utf-8", errors="backslashreplace")
-        urgent = CATALOG[event].severity is not Severity.INFO
+        moment = now_text() if self._clock is _utc_now else format_time(self._clock())
+        record = _record(event, moment, text, listener, client, user, session, message_id, fields)
+        data = (_encode(record) + "\n").encode("utf-8", errors="backslashreplace")
+        urgent = _HEADS[event][3]
         with self._lock:
             self._append_locked(data)
             if (urgent or self._buffered >= self._BUFFER_LIMIT

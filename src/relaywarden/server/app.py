@@ -215,14 +215,16 @@ class Server:
     def emit(self, event: EventId, session: SmtpSession | None = None, *, text: str, **fields):
         if self.events is None:
             return None
-        if session is not None:
-            fields.setdefault("listener", session.rt.name)
-            fields.setdefault("client", session.client[0])
-            fields.setdefault("session", session.id)
-            if session.core is not None and session.core.auth_user:
-                fields.setdefault("user", session.core.auth_user)
-        top = {k: fields.pop(k) for k in ("listener", "client", "user", "session", "message_id") if k in fields}
-        return self.events.emit(event, text=text, **top, **fields)
+        if session is None:
+            return self.events.emit(event, text=text, **fields)
+        # the session's listener, client, id and user, unless the caller names them itself
+        pop = fields.pop
+        core = session.core
+        return self.events.emit(
+            event, text=text, listener=pop("listener", session.rt.name),
+            client=pop("client", session.client[0]), session=pop("session", session.id),
+            user=pop("user", (core.auth_user or None) if core is not None else None),
+            message_id=pop("message_id", None), **fields)
 
     def log_error(self, what: str, exc: BaseException) -> None:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()

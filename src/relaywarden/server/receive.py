@@ -32,8 +32,22 @@ def received_header(*, helo: str, client_address: str, client_rdns: str | None, 
         lines.append(f"\t(using {version} with cipher {cipher})")
     if recipient:
         lines.append(f"\tfor <{recipient}>")
-    lines[-1] += f"; {email.utils.formatdate(when, localtime=False)}"
+    lines[-1] += f"; {date_text(when)}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+_date: tuple[int, str] = (-1, "")
+
+
+def date_text(when: float) -> str:
+    """RFC 5322 date-time in UTC of the second ``when`` falls in; the last second's text is
+    kept (every message of a busy second has the same)."""
+    global _date
+    second = int(when)
+    cached = _date
+    if cached[0] != second:
+        cached = _date = (second, email.utils.formatdate(second, localtime=False))
+    return cached[1]
 
 
 def protocol_name(*, esmtp: bool, tls: bool, authenticated: bool, utf8: bool) -> str:
