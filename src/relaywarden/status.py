@@ -74,12 +74,18 @@ def _encoded(reply: Reply, enhanced: bool) -> bytes:
     return ("\r\n".join(reply.lines(enhanced)) + "\r\n").encode("utf-8")
 
 
+# The replies sent again and again with the same text are made once: a Reply is immutable.
+_shared = functools.lru_cache(maxsize=64)
+
+
 # --- greeting, session ------------------------------------------------------------------------
 
+@_shared
 def greeting(hostname: str) -> Reply:
     return Reply(220, None, f"{hostname} ESMTP relaywarden")
 
 
+@_shared
 def closing(hostname: str) -> Reply:
     return Reply(221, "2.0.0", f"{hostname} closing connection")
 
@@ -92,26 +98,32 @@ def ehlo(hostname: str, client: str, extensions: list[str]) -> Reply:
     return Reply(250, None, "\n".join([f"{hostname} greets {client}", *extensions]))
 
 
+@_shared
 def helo(hostname: str) -> Reply:
     return Reply(250, None, hostname)
 
 
+@_shared
 def ok(text: str = "OK") -> Reply:
     return Reply(250, "2.0.0", text)
 
 
+@_shared
 def sender_ok() -> Reply:
     return Reply(250, "2.1.0", "Sender OK")
 
 
+@_shared
 def recipient_ok(text: str = "Recipient OK") -> Reply:
     return Reply(250, "2.1.5", text)
 
 
+@_shared
 def reset_ok() -> Reply:
     return Reply(250, "2.0.0", "Reset OK")
 
 
+@_shared
 def noop_ok() -> Reply:
     return Reply(250, "2.0.0", "OK")
 
@@ -124,6 +136,7 @@ def help_text() -> Reply:
     return Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH\nSee RFC 5321")
 
 
+@_shared
 def start_data() -> Reply:
     return Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 

@@ -74,6 +74,7 @@ class SmtpSession(asyncio.Protocol):
         self._ended = False
         self._gone = False              # the client has closed the connection
         self._committing = False        # a message is with the queue; its answer is awaited
+        self._facts: SessionFacts | None = None
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -123,6 +124,7 @@ class SmtpSession(asyncio.Protocol):
                                                self.server.config.dns.timeout * 2)
         except (asyncio.TimeoutError, OSError):
             self.rdns = None
+        self._facts = None
         if self.transport is None or self.transport.is_closing():
             return
         early, self._early = self._early, None
@@ -142,14 +144,21 @@ class SmtpSession(asyncio.Protocol):
         self._pump()
 
     def facts(self) -> SessionFacts:
-        return SessionFacts(
-            listener=self.rt.name,
-            client_address=self.client[0],
-            client_rdns=self.rdns,
-            proxy_address=self.proxy,
-            tls=self.tls_info is not None,
-            auth_user=self.core.auth_user if self.core else None,
-        )
+        """What the relay decision knows of the session. Kept while it holds: the client, its
+        name and the proxy are settled before the greeting; TLS and the user are compared."""
+        user = self.core.auth_user if self.core else None
+        tls = self.tls_info is not None
+        facts = self._facts
+        if facts is None or facts.auth_user != user or facts.tls is not tls:
+            facts = self._facts = SessionFacts(
+                listener=self.rt.name,
+                client_address=self.client[0],
+                client_rdns=self.rdns,
+                proxy_address=self.proxy,
+                tls=tls,
+                auth_user=user,
+            )
+        return facts
 
     def _touch(self) -> None:
         """The session's deadline: the data timeout while message data is read, else the
@@ -248,6 +257,7 @@ class SmtpSession(asyncio.Protocol):
         header, used = parsed
         rest = bytes(buf[used:])
         self._proxy_buf = None
+        self._facts = None
         self.proxy = self.peer[0]
         if header.destination is not None:
             self.proxy_destination = _clean(header.destination[0])   # the address the client dialled
