@@ -409,16 +409,16 @@ class SmtpServer:
             self._close("unreadable BDAT command")
 
     def _command(self, raw: bytes) -> None:
-        if not raw.endswith(b"\r\n") or b"\r" in raw[:-2]:
+        # raw ends with its LF: the one CR must be right before it (a CR or LF alone is refused)
+        if len(raw) < 2 or raw.find(b"\r") != len(raw) - 2:
             self._line_error(raw, status.syntax_error("lines must end with CRLF, and CR or LF alone is not allowed"),
                              "syntax")
             return
-        body = raw[:-2]
-        if b"\x00" in body:
+        if b"\x00" in raw:
             self._line_error(raw, status.non_ascii_command(), "non-ascii", "NUL")
             return
         try:
-            text = body.decode("utf-8")
+            text = raw[:-2].decode("utf-8")
         except UnicodeDecodeError:
             self._line_error(raw, status.non_ascii_command(), "non-ascii", "invalid UTF-8")
             return
@@ -441,7 +441,7 @@ class SmtpServer:
                 return
             self._error(self._sequence_reply(verb), "sequence", verb)
             return
-        getattr(self, "_cmd_" + verb.lower(), self._cmd_unimplemented)(verb, arg)
+        _HANDLERS[verb](self, verb, arg)
 
     def _utf8_allowed(self, verb: str, arg: str) -> bool:
         if verb in ("MAIL", "RCPT"):
@@ -841,6 +841,11 @@ class SmtpServer:
             return status.data_line_too_long(self.opt.max_data_line), "line-length"
         return None
 
+
+
+# The method that answers each implemented command ("MAIL" -> SmtpServer._cmd_mail).
+_HANDLERS = {verb: getattr(SmtpServer, "_cmd_" + verb.lower(), SmtpServer._cmd_unimplemented)
+             for verb in KNOWN - NOT_IMPLEMENTED}
 
 # A command line that is a BDAT as far as can be told: the verb, then anything but a letter or
 # digit (a space, the end of the line, a NUL, a byte that is not ASCII...).
