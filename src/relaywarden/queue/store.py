@@ -20,6 +20,7 @@ before is never touched.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import ipaddress
 import json
 import queue as stdlib_queue
@@ -1000,7 +1001,7 @@ def _apply_group(
             w.insert is not None and w.insert[1].recipients for w in live):
         try:
             _busy_retry(lambda: conn.execute(
-                _INSERT_INCOMING + ", ".join(["(" + ", ".join("?" * 17) + ")"] * len(live)),
+                _incoming_sql(len(live)),
                 [value for w in live for value in _incoming_row(w.insert[0], w.insert[1])]), busy_timeout)
         except Exception:
             if conn.in_transaction:
@@ -1063,6 +1064,12 @@ _INSERT_RECIPIENT = ("INSERT INTO recipient (message_id, position, address, doma
                      " verdict, route, decision_id, next_attempt_at) VALUES ")
 _ROWS_PER_STATEMENT = 60          # 16 columns x 60 rows stays under SQLite's 999 host parameters
 _INCOMING_ROWS = 999 // 17        # the view has 17 columns: 58 rows
+
+
+@functools.lru_cache(maxsize=_INCOMING_ROWS)
+def _incoming_sql(rows: int) -> str:
+    """The statement that puts ``rows`` new messages into the incoming_v1 view."""
+    return _INSERT_INCOMING + ", ".join(["(" + ", ".join("?" * 17) + ")"] * rows)
 
 
 def _insert_many(conn: sqlite3.Connection, writes: list[_Write]) -> dict[int, Any]:
