@@ -420,6 +420,51 @@ def test_writes_wait_for_a_lock_held_by_another_process(db: Path) -> None:
         assert queue.count() == 1  # the cancelled submission was never written
 
 
+def test_messages_that_arrive_while_a_group_waits_for_the_lock_join_it(db: Path) -> None:
+    with SqliteQueue(db, busy_timeout=10.0) as queue:
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            first = queue.submit(message(b"first"))
+            time.sleep(0.2)  # the writer now waits for the lock with `first` in hand
+            later = [queue.submit(message(b"later %d" % i)) for i in range(5)]
+            time.sleep(0.1)  # ... and takes these into its group while it waits
+            before = queue.stats()
+            assert not first.done() and not any(f.done() for f in later)
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        ids = [f.result(timeout=10) for f in [first, *later]]
+        after = queue.stats()
+        # one transaction for all six (without joining: two, `first` and then the rest)
+        assert after["transactions"] - before["transactions"] == 1
+        assert after["messages"] - before["messages"] == 6
+        assert [queue.message_data(i) for i in ids] == [b"first"] + [b"later %d" % i for i in range(5)]
+
+
+def test_a_write_that_cannot_join_a_waiting_group_is_done_after_it(db: Path) -> None:
+    with SqliteQueue(db, busy_timeout=10.0) as queue:
+        queue_id = queue.submit(message(b"to hold")).result(timeout=10)
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        held: list[int] = []
+        try:
+            first = queue.submit(message(b"first"))
+            time.sleep(0.2)  # the writer waits for the lock with `first` in hand
+            worker = threading.Thread(target=lambda: held.append(queue.hold_many([queue_id], True)))
+            worker.start()   # not a new message: the writer takes it out of the inbox and keeps it
+            time.sleep(0.1)
+            after = queue.submit(message(b"after"))
+            time.sleep(0.1)
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        worker.join(timeout=10)
+        assert held == [1] and queue.get(queue_id).hold
+        assert queue.message_data(first.result(timeout=10)) == b"first"
+        assert queue.message_data(after.result(timeout=10)) == b"after"
+
+
 def test_busy_timeout_expiry_is_a_queue_error(db: Path) -> None:
     with SqliteQueue(db, busy_timeout=0.2) as queue:
         other = sqlite3.connect(db, isolation_level=None)

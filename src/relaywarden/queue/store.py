@@ -19,6 +19,7 @@ before is never touched.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import ipaddress
@@ -298,6 +299,9 @@ class SqliteQueue(QueueBackend):
         self.busy_timeout = busy_timeout
         self._new_id = QueueIdGenerator()
         self._inbox: stdlib_queue.SimpleQueue[_Write | object] = stdlib_queue.SimpleQueue()
+        # writes taken from the inbox while a group waited for the write lock that could not
+        # join it: the writer takes them before the inbox, in their order
+        self._held: collections.deque[_Write | object] = collections.deque()
         self._state_lock = threading.Lock()
         self._closed = False
         self._stats = {"transactions": 0, "messages": 0, "failed": 0}
@@ -419,14 +423,17 @@ class SqliteQueue(QueueBackend):
         group = [first]
         deadline = time.monotonic() + self.group_wait
         while len(group) < self.group_max:
-            remaining = deadline - time.monotonic()
-            try:
-                if remaining > 0:
-                    item = self._inbox.get(timeout=remaining)
-                else:
-                    item = self._inbox.get_nowait()
-            except stdlib_queue.Empty:
-                break
+            if self._held:
+                item = self._held.popleft()
+            else:
+                remaining = deadline - time.monotonic()
+                try:
+                    if remaining > 0:
+                        item = self._inbox.get(timeout=remaining)
+                    else:
+                        item = self._inbox.get_nowait()
+                except stdlib_queue.Empty:
+                    break
             if item is _STOP:
                 return group, True
             assert isinstance(item, _Write)
@@ -437,7 +444,7 @@ class SqliteQueue(QueueBackend):
         conn = self._writer_conn
         stopping = False
         while not stopping:
-            item = self._inbox.get()
+            item = self._held.popleft() if self._held else self._inbox.get()
             if item is _STOP:
                 break
             assert isinstance(item, _Write)
@@ -456,8 +463,10 @@ class SqliteQueue(QueueBackend):
         if durable != self._synchronous_full:
             conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             self._synchronous_full = durable
+        before = len(live)
         try:
-            done, failed = _apply_group(conn, live, self.busy_timeout, self._incoming)
+            done, failed = _apply_group(conn, live, self.busy_timeout, self._incoming,
+                                        lambda room: self._joiners(min(room, self.group_max - len(live))))
         except BaseException as exc:
             if conn.in_transaction:
                 try:
@@ -466,6 +475,8 @@ class SqliteQueue(QueueBackend):
                     pass
             self._fail(live, exc)
             return
+        finally:
+            group.extend(live[before:])     # writes that joined while it waited: the group's too
         with self._state_lock:
             self._stats["transactions"] += 1
             self._stats["messages"] += sum(1 for w, _ in done if w.is_message)
@@ -475,6 +486,24 @@ class SqliteQueue(QueueBackend):
         for write, exc in failed:
             write.future.set_exception(_translate(exc))
         _report(live)
+
+    def _joiners(self, room: int) -> list[_Write]:
+        """New messages that arrived while the group waited for another process's write lock,
+        up to ``room``: they join the group instead of waiting for its commit and then for the
+        lock again. Anything else taken from the inbox is held, in order, for the next group."""
+        joined: list[_Write] = []
+        while len(joined) < room and not self._held:
+            try:
+                item = self._inbox.get_nowait()
+            except stdlib_queue.Empty:
+                break
+            if (item is _STOP or not isinstance(item, _Write) or item.insert is None
+                    or not item.insert[1].recipients or not item.durable):
+                self._held.append(item)
+                break
+            if item.future.set_running_or_notify_cancel():
+                joined.append(item)
+        return joined
 
     def _fail(self, group: list[_Write], exc: BaseException) -> None:
         with self._state_lock:
@@ -966,9 +995,11 @@ def begin_immediate(conn: sqlite3.Connection, timeout: float) -> None:
     _busy_retry(lambda: conn.execute("BEGIN IMMEDIATE"), timeout)
 
 
-def _busy_retry(statement: Callable[[], Any], timeout: float) -> Any:
+def _busy_retry(statement: Callable[[], Any], timeout: float,
+                on_busy: Callable[[], None] | None = None) -> Any:
     """Run ``statement`` again while another process holds the write lock (SQLITE_BUSY), for up
-    to ``timeout`` seconds, in short steps (0.1 ms growing to 2 ms)."""
+    to ``timeout`` seconds, in short steps (0.1 ms growing to 2 ms); ``on_busy`` runs after
+    each step, before the next try."""
     deadline = time.monotonic() + timeout
     pause = 0.0001
     while True:
@@ -983,10 +1014,13 @@ def _busy_retry(statement: Callable[[], Any], timeout: float) -> Any:
                 raise
         time.sleep(pause)
         pause = min(pause * 1.5, 0.002)
+        if on_busy is not None:
+            on_busy()
 
 
 def _apply_group(
-    conn: sqlite3.Connection, live: list[_Write], busy_timeout: float = 10.0, incoming: bool = False
+    conn: sqlite3.Connection, live: list[_Write], busy_timeout: float = 10.0, incoming: bool = False,
+    joiners: Callable[[int], list[_Write]] | None = None,
 ) -> tuple[list[tuple[_Write, Any]], list[tuple[_Write, BaseException]]]:
     """Apply a group in one transaction and COMMIT; when a write fails, apply the group again
     with each write in its own SAVEPOINT, so that only the failing write fails.
@@ -999,10 +1033,17 @@ def _apply_group(
     # The commonest case: only new messages, and few enough for one statement into the view.
     if incoming and len(live) <= _INCOMING_ROWS and all(
             w.insert is not None and w.insert[1].recipients for w in live):
+        def grow() -> None:
+            # waiting for another process's write lock: new messages join the group (``live``
+            # grows in place: the caller reports every write in it)
+            if joiners is not None and len(live) < _INCOMING_ROWS:
+                live.extend(joiners(_INCOMING_ROWS - len(live)))
+
         try:
             _busy_retry(lambda: conn.execute(
                 _incoming_sql(len(live)),
-                [value for w in live for value in _incoming_row(w.insert[0], w.insert[1])]), busy_timeout)
+                [value for w in live for value in _incoming_row(w.insert[0], w.insert[1])]), busy_timeout,
+                grow)
         except Exception:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
