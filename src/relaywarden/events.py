@@ -495,9 +495,17 @@ def build_record(event: EventId, *, text: str, moment: datetime | str, top: Mapp
                  fields: Mapping[str, Any]) -> dict:
     """The record ``EventLog.emit`` writes; keys whose value is None are left out. ``moment``
     is a datetime or its text as ``format_time`` writes it."""
-    return _record(event, moment if type(moment) is str else format_time(moment), text,
-                   top.get("listener"), top.get("client"), top.get("user"), top.get("session"),
-                   top.get("message_id"), fields)
+    number, name, severity, _ = _HEADS[event]
+    record: dict[str, Any] = {
+        "time": moment if type(moment) is str else format_time(moment),
+        "id": number, "name": name, "severity": severity,
+    }
+    for key, value in top.items():
+        if value is not None:
+            record[key] = _jsonable(value)
+    record["text"] = text if type(text) is str else _safe_str(text)
+    record["fields"] = _plain_fields(fields)
+    return record
 
 
 # What every record of an event starts with (id, name, severity) and whether it is flushed at once.
@@ -507,6 +515,7 @@ _HEADS: dict[EventId, tuple[int, str, str, bool]] = {
 
 def _record(event: EventId, moment: str, text: str, listener: Any, client: Any, user: Any,
             session: Any, message_id: Any, fields: Mapping[str, Any]) -> dict:
+    """``build_record`` for ``EventLog.emit``'s five top-level keys, without a mapping of them."""
     number, name, severity, _ = _HEADS[event]
     record: dict[str, Any] = {"time": moment, "id": number, "name": name, "severity": severity}
     # the five top-level keys, in this order, when set (almost always strings: no walk)

@@ -20,7 +20,7 @@ from relaywarden.queue.model import (
     QueueFull,
     RecipientIn,
 )
-from relaywarden.queue.store import DUE_SQL, QueueIdGenerator, SqliteQueue, shape_sql
+from relaywarden.queue.store import DUE_SQL, MessageFilter, QueueIdGenerator, SqliteQueue, _Write, shape_sql
 from relaywarden.queue.store import _register_functions as store_functions
 
 
@@ -409,15 +409,31 @@ def test_writes_wait_for_a_lock_held_by_another_process(db: Path) -> None:
         try:
             first = queue.submit(message(b"first"))
             time.sleep(0.2)  # the writer now waits for the lock with `first` in hand
-            cancelled = queue.submit(message(b"cancelled"))
-            assert cancelled.cancel()
             assert not first.done()
         finally:
             other.execute("COMMIT")
             other.close()
         queue_id = first.result(timeout=10)
         assert queue.message_data(queue_id) == b"first"
-        assert queue.count() == 1  # the cancelled submission was never written
+        assert queue.count() == 1
+
+
+def test_a_submission_cancelled_before_the_writer_takes_it_is_never_written(db: Path) -> None:
+    with SqliteQueue(db) as queue:
+        inside, gate = threading.Event(), threading.Event()
+
+        def block(conn: sqlite3.Connection) -> None:
+            inside.set()
+            gate.wait(10)
+
+        blocker = queue._enqueue(_Write(block))     # the writer sits in this write
+        assert inside.wait(10)
+        cancelled = queue.submit(message(b"cancelled"))
+        assert cancelled.cancel()                   # still in the inbox: cancelled for good
+        gate.set()
+        blocker.result(timeout=10)
+        assert queue.submit(message(b"next")).result(timeout=10)
+        assert [queue.message_data(m.id) for m in queue.find(MessageFilter())] == [b"next"]
 
 
 def test_messages_that_arrive_while_a_group_waits_for_the_lock_join_it(db: Path) -> None:

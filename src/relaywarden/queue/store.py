@@ -517,6 +517,9 @@ class SqliteQueue(QueueBackend):
     # ------------------------------------------------------------------ writes
 
     def submit(self, msg: MessageIn) -> concurrent.futures.Future[str]:
+        """Queue a message; the future gives its queue id once it is durable. It can be cancelled
+        until the writer takes it: at its group's start, or at once when it arrives while a group
+        waits for another process's write lock (it joins that group)."""
         return self._enqueue(self._message_write(msg, False))
 
     def submit_with_ids(self, msg: MessageIn) -> concurrent.futures.Future[tuple[str, list[int]]]:
