@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import re
 import sqlite3
@@ -402,17 +403,24 @@ def test_a_second_instance_sees_committed_messages_and_updates(db: Path) -> None
         assert server.count() == operator.count() == 101
 
 
+@contextlib.contextmanager
+def lock_held_by_another_process(db: Path):
+    """Another connection holds the queue's write lock (BEGIN IMMEDIATE) until the block ends."""
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield other
+    finally:
+        other.execute("COMMIT")
+        other.close()
+
+
 def test_writes_wait_for_a_lock_held_by_another_process(db: Path) -> None:
     with SqliteQueue(db, busy_timeout=10.0) as queue:
-        other = sqlite3.connect(db, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        try:
+        with lock_held_by_another_process(db):
             first = queue.submit(message(b"first"))
             time.sleep(0.2)  # the writer now waits for the lock with `first` in hand
             assert not first.done()
-        finally:
-            other.execute("COMMIT")
-            other.close()
         queue_id = first.result(timeout=10)
         assert queue.message_data(queue_id) == b"first"
         assert queue.count() == 1
@@ -438,18 +446,13 @@ def test_a_submission_cancelled_before_the_writer_takes_it_is_never_written(db: 
 
 def test_messages_that_arrive_while_a_group_waits_for_the_lock_join_it(db: Path) -> None:
     with SqliteQueue(db, busy_timeout=10.0) as queue:
-        other = sqlite3.connect(db, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        try:
+        with lock_held_by_another_process(db):
             first = queue.submit(message(b"first"))
             time.sleep(0.2)  # the writer now waits for the lock with `first` in hand
             later = [queue.submit(message(b"later %d" % i)) for i in range(5)]
             time.sleep(0.1)  # ... and takes these into its group while it waits
             before = queue.stats()
             assert not first.done() and not any(f.done() for f in later)
-        finally:
-            other.execute("COMMIT")
-            other.close()
         ids = [f.result(timeout=10) for f in [first, *later]]
         after = queue.stats()
         # one transaction for all six (without joining: two, `first` and then the rest)
@@ -461,10 +464,8 @@ def test_messages_that_arrive_while_a_group_waits_for_the_lock_join_it(db: Path)
 def test_a_write_that_cannot_join_a_waiting_group_is_done_after_it(db: Path) -> None:
     with SqliteQueue(db, busy_timeout=10.0) as queue:
         queue_id = queue.submit(message(b"to hold")).result(timeout=10)
-        other = sqlite3.connect(db, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
         held: list[int] = []
-        try:
+        with lock_held_by_another_process(db):
             first = queue.submit(message(b"first"))
             time.sleep(0.2)  # the writer waits for the lock with `first` in hand
             worker = threading.Thread(target=lambda: held.append(queue.hold_many([queue_id], True)))
@@ -472,9 +473,6 @@ def test_a_write_that_cannot_join_a_waiting_group_is_done_after_it(db: Path) -> 
             time.sleep(0.1)
             after = queue.submit(message(b"after"))
             time.sleep(0.1)
-        finally:
-            other.execute("COMMIT")
-            other.close()
         worker.join(timeout=10)
         assert held == [1] and queue.get(queue_id).hold
         assert queue.message_data(first.result(timeout=10)) == b"first"
@@ -483,14 +481,9 @@ def test_a_write_that_cannot_join_a_waiting_group_is_done_after_it(db: Path) -> 
 
 def test_busy_timeout_expiry_is_a_queue_error(db: Path) -> None:
     with SqliteQueue(db, busy_timeout=0.2) as queue:
-        other = sqlite3.connect(db, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        try:
+        with lock_held_by_another_process(db):
             with pytest.raises(QueueError):
                 queue.submit(message()).result(timeout=10)
-        finally:
-            other.execute("COMMIT")
-            other.close()
         assert queue.submit(message()).result(timeout=10)
 
 
