@@ -21,7 +21,9 @@ from relaywarden.queue.model import (
     QueueFull,
     RecipientIn,
 )
-from relaywarden.queue.store import DUE_SQL, MessageFilter, QueueIdGenerator, SqliteQueue, _Write, shape_sql
+from relaywarden.queue.store import (
+    DUE_SQL, WAL_CHECKPOINT_PAGES, MessageFilter, QueueIdGenerator, SqliteQueue, _Write, shape_sql,
+)
 from relaywarden.queue.store import _register_functions as store_functions
 
 
@@ -165,6 +167,8 @@ def test_schema_and_database_settings(q: SqliteQueue, db: Path) -> None:
     # only what a query reads: each index costs every new message a B-tree insert
     assert {n for n in names if not n.startswith("sqlite_autoindex")} == {"recipient_next_attempt"}
     assert types["data"] == "BLOB"
+    # the writer checkpoints less often than SQLite's default of 1000 pages
+    assert q._writer_conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES == 4000
 
 
 def test_indexes_of_older_queues_are_dropped_at_open(tmp_path: Path) -> None:
