@@ -1044,17 +1044,19 @@ def _apply_group(
     # The commonest case: only new messages, and few enough for one statement into the view.
     if incoming and len(live) <= _INCOMING_ROWS and all(
             w.insert is not None and w.insert[1].recipients for w in live):
+        # the statement's values, made once per write however often the lock is tried
+        values = [value for w in live for value in _incoming_row(w.insert[0], w.insert[1])]
+
         def grow() -> None:
             # waiting for another process's write lock: new messages join the group (``live``
             # grows in place: the caller reports every write in it)
             if joiners is not None and len(live) < _INCOMING_ROWS:
-                live.extend(joiners(_INCOMING_ROWS - len(live)))
+                joined = joiners(_INCOMING_ROWS - len(live))
+                live.extend(joined)
+                values.extend(value for w in joined for value in _incoming_row(w.insert[0], w.insert[1]))
 
         try:
-            _busy_retry(lambda: conn.execute(
-                _incoming_sql(len(live)),
-                [value for w in live for value in _incoming_row(w.insert[0], w.insert[1])]), busy_timeout,
-                grow)
+            _busy_retry(lambda: conn.execute(_incoming_sql(len(live)), values), busy_timeout, grow)
         except Exception:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
