@@ -491,23 +491,6 @@ def now_text() -> str:
     return f"{cached[1]}.{int((now - second) * 1000):03d}Z"
 
 
-def build_record(event: EventId, *, text: str, moment: datetime | str, top: Mapping[str, Any],
-                 fields: Mapping[str, Any]) -> dict:
-    """The record ``EventLog.emit`` writes; keys whose value is None are left out. ``moment``
-    is a datetime or its text as ``format_time`` writes it."""
-    number, name, severity, _ = _HEADS[event]
-    record: dict[str, Any] = {
-        "time": moment if type(moment) is str else format_time(moment),
-        "id": number, "name": name, "severity": severity,
-    }
-    for key, value in top.items():
-        if value is not None:
-            record[key] = _jsonable(value)
-    record["text"] = text if type(text) is str else _safe_str(text)
-    record["fields"] = _plain_fields(fields)
-    return record
-
-
 # What every record of an event starts with (id, name, severity) and whether it is flushed at once.
 _HEADS: dict[EventId, tuple[int, str, str, bool]] = {
     d.id: (int(d.id), d.id.name, d.severity.value, d.severity is not Severity.INFO) for d in _DEFINITIONS}
@@ -515,7 +498,8 @@ _HEADS: dict[EventId, tuple[int, str, str, bool]] = {
 
 def _record(event: EventId, moment: str, text: str, listener: Any, client: Any, user: Any,
             session: Any, message_id: Any, fields: Mapping[str, Any]) -> dict:
-    """``build_record`` for ``EventLog.emit``'s five top-level keys, without a mapping of them."""
+    """The record ``EventLog.emit`` writes: top-level keys whose value is None are left out;
+    anything not a JSON type becomes one (``_jsonable``)."""
     number, name, severity, _ = _HEADS[event]
     record: dict[str, Any] = {"time": moment, "id": number, "name": name, "severity": severity}
     # the five top-level keys, in this order, when set (almost always strings: no walk)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -19,7 +20,6 @@ from relaywarden.events import (
     EventId,
     EventLog,
     Severity,
-    build_record,
     log_files,
     read_events,
     render_catalog_markdown,
@@ -485,19 +485,13 @@ def test_a_log_that_cannot_be_written_never_raises_and_catches_up(tmp_path, monk
     assert texts == [f"disk full {i}" for i in range(5)] + ["disk has room again"]
 
 
-def test_build_record_keeps_every_top_level_key_in_the_order_given():
-    record = build_record(EventId.SESSION_SUMMARY, text="t", moment="2026-11-29T12:00:00.000Z",
-                          top={"session": "s", "listener": "l", "user": None, "worker": 3}, fields={"a": 1})
-    assert list(record) == ["time", "id", "name", "severity", "session", "listener", "worker", "text", "fields"]
-    assert record["worker"] == 3 and record["fields"] == {"a": 1}
-
-
-def test_emit_writes_the_record_build_record_gives(tmp_path):
+def test_emit_writes_the_record_it_returns_with_the_top_level_keys_in_order(tmp_path):
     with EventLog(tmp_path) as log:
-        written = log.emit(EventId.MESSAGE_QUEUED, text="q", listener="mx", client="192.0.2.1",
-                           session="s1", message_id="m1", size=5)
-    expected = build_record(EventId.MESSAGE_QUEUED, text="q", moment=written["time"],
-                            top={"listener": "mx", "client": "192.0.2.1", "user": None, "session": "s1",
-                                 "message_id": "m1"}, fields={"size": 5})
-    assert written == expected
-    assert lines_of(tmp_path / LOG_FILE_NAME) == [expected]
+        written = log.emit(EventId.MESSAGE_QUEUED, text="q", message_id="m1", session="s1",
+                           client=ipaddress.ip_address("192.0.2.1"), listener="mx", user=None, size=5)
+    assert list(written) == ["time", "id", "name", "severity", "listener", "client", "session",
+                             "message_id", "text", "fields"]
+    assert written["client"] == "192.0.2.1" and type(written["client"]) is str   # made a JSON type
+    assert (written["id"], written["name"], written["severity"]) == (3001, "MESSAGE_QUEUED", "info")
+    assert written["fields"] == {"size": 5}
+    assert lines_of(tmp_path / LOG_FILE_NAME) == [written]
