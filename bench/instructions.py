@@ -9,6 +9,7 @@ cancels out; the modules are compiled first so that neither run pays for it.
 
     .venv/bin/python bench/instructions.py                  # 100 and 600 messages
     .venv/bin/python bench/instructions.py --tree /tmp/old  # another checkout's src/ and bench/
+    .venv/bin/python bench/instructions.py --reuse          # many messages per session
 
 Needs valgrind (Debian package ``valgrind``). Instructions are not time: a change that saves
 instructions but adds cache misses or system calls shows only in ``accept.py``.
@@ -41,13 +42,13 @@ def totals(out: str) -> list[int]:
     return counts
 
 
-def run(tree: Path, messages: int, work: str) -> tuple[int, int]:
+def run(tree: Path, messages: int, work: str, reuse: bool = False) -> tuple[int, int]:
     out = os.path.join(work, f"cg{messages}.out")
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     cmd = ["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}",
            sys.executable, str(tree / "bench" / "session_cpu.py"), "--messages", str(messages),
-           "--rounds", "1"]
+           "--rounds", "1", *(["--reuse"] if reuse else [])]
     r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"valgrind failed ({r.returncode}):\n{r.stderr[-2000:]}")
@@ -62,6 +63,8 @@ def main() -> None:
     ap.add_argument("--tree", type=Path, default=HERE.parent, help="checkout whose src/ and bench/ to measure")
     ap.add_argument("--few", type=int, default=100, help="messages in the first run (default 100)")
     ap.add_argument("--many", type=int, default=600, help="messages in the second run (default 600)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="many messages per session (smtp-source -d); the difference to the default is per connection")
     args = ap.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
@@ -70,10 +73,10 @@ def main() -> None:
     tree = args.tree.resolve()
     compileall.compile_dir(str(tree / "src"), quiet=1)
     with tempfile.TemporaryDirectory(prefix="relaywarden-cg-") as work:
-        main_a, all_a = run(tree, args.few, work)
-        main_b, all_b = run(tree, args.many, work)
+        main_a, all_a = run(tree, args.few, work, args.reuse)
+        main_b, all_b = run(tree, args.many, work, args.reuse)
     n = args.many - args.few
-    print(f"{tree}: instructions per message: event loop thread {(main_b - main_a) // n:,}, "
+    print(f"{tree}{' (--reuse)' if args.reuse else ''}: instructions per message: event loop thread {(main_b - main_a) // n:,}, "
           f"all threads {(all_b - all_a) // n:,}")
 
 
