@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import os
 import re
 import sqlite3
 import threading
@@ -169,6 +170,30 @@ def test_schema_and_database_settings(q: SqliteQueue, db: Path) -> None:
     assert types["data"] == "BLOB"
     # the writer checkpoints less often than SQLite's default of 1000 pages
     assert q._writer_conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES == 4000
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_the_writer_thread_is_scheduled_as_batch_and_the_callers_are_not(tmp_path: Path) -> None:
+    q = SqliteQueue(tmp_path / "queue.sqlite")
+    try:
+        q.submit(message()).result(timeout=10)       # the writer has started and written
+        assert os.sched_getscheduler(q._writer.native_id) == os.SCHED_BATCH
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER     # only the writer thread
+    finally:
+        q.close()
+
+
+def test_a_writer_that_may_not_be_batch_writes_all_the_same(tmp_path: Path, monkeypatch) -> None:
+    def refused(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "sched_setscheduler", refused)
+    q = SqliteQueue(tmp_path / "queue.sqlite")
+    try:
+        queue_id = q.submit(message()).result(timeout=10)
+        assert q.get(queue_id) is not None
+        assert os.sched_getscheduler(q._writer.native_id) == os.SCHED_OTHER
+    finally:
+        q.close()
 
 
 def test_indexes_of_older_queues_are_dropped_at_open(tmp_path: Path) -> None:

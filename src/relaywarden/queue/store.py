@@ -24,6 +24,7 @@ import concurrent.futures
 import functools
 import ipaddress
 import json
+import os
 import queue as stdlib_queue
 import re
 import sys
@@ -227,6 +228,25 @@ class LoopCompletion:
 
     def set_exception(self, exc: BaseException) -> None:
         self.exc, self.state = exc, 2
+
+
+def batch_scheduling() -> bool:
+    """Ask Linux to schedule the calling thread as SCHED_BATCH; False where it cannot (another
+    system, or a sandbox that forbids it: the thread then runs as before).
+
+    The writer thread wakes many times a second (its fsync done, the write lock free, the GIL
+    handed back). As an ordinary thread each wake-up preempts whatever runs on that core, most
+    often the event loop of the same process, which then waits for the GIL the writer holds: two
+    context switches, and the loop's work cut in two. A batch thread is not allowed to preempt on
+    wake-up; it runs when a core is free or at the next tick, a fraction of a millisecond later,
+    and meanwhile more messages join its next group. Two workers, smtp-source, a new connection
+    per message, alternated: about 9 % less CPU per message and 4 to 6 % more messages a second;
+    context switches 6.4 -> 4.1 per message (docs/benchmarks.md, fifth session)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        return False
+    return True
 
 
 def _run_completions(completions: list[LoopCompletion]) -> None:
@@ -449,6 +469,7 @@ class SqliteQueue(QueueBackend):
         return group, False
 
     def _writer_loop(self) -> None:
+        batch_scheduling()
         conn = self._writer_conn
         stopping = False
         while not stopping:
