@@ -3,8 +3,8 @@ measurement aid for the queue, not a benchmark against a peer.
 
 Runs relaywarden (`bench/accept.py`'s configuration: one listener, delivery off) under a small
 instrumentation that times, in every accepting process, each write from the moment a session
-hands it to the queue until its commit is done (what the client waits for between the end of
-DATA and the 250), and each group the writer thread commits (wall time and the thread's CPU
+hands it to the queue until the session's event loop runs its completion (what the client
+waits for between the end of DATA and the 250), and each group the writer thread commits (wall time and the thread's CPU
 time). Postfix's `smtp-source` sends the mail. Per process it prints the median, 90th and 99th
 percentile waits, the number of groups, their mean size, and a group's median wall and CPU time;
 the difference between those two is time the writer thread spent not running: the fsync, the
@@ -42,6 +42,16 @@ def instrumented_serve(argv: list[str]) -> None:
 
     def timed_enqueue(self, write):
         start = time.perf_counter()
+        done = write.future
+        if isinstance(done, store.LoopCompletion):
+            # the SMTP server's writes (submit_to): timed when their callback runs on the loop
+            callback = done.callback
+
+            def timed(result, exc):
+                waits.append(time.perf_counter() - start)
+                callback(result, exc)
+            done.callback = timed
+            return enqueue(self, write)
         future = enqueue(self, write)
         future.add_done_callback(lambda _f: waits.append(time.perf_counter() - start))
         return future
