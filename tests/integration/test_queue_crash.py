@@ -171,9 +171,9 @@ for seq in range(5000):
                     "relay", "default", "ab"),), data=b"Subject: x\r\n\r\nx\r\n", received_at=time.time(),
                     listener="mx", client_address="127.0.0.1", client_port=1, helo="h", auth_user=None, tls=None,
                     body_type="7BIT", smtputf8=False, dsn_ret=None, dsn_envid=None, session_id="s")
-    qid = q.submit(msg).result(timeout=30)                         # durable (synchronous = FULL)
+    qid = q.submit(msg).result(timeout=30)                         # durable: committed, then the WAL fsynced
     print("queued", qid, flush=True)
-    # the runner's bookkeeping (finish_later: synchronous = NORMAL), as after a delivery
+    # the runner's bookkeeping (finish_later: committed, not fsynced), as after a delivery
     if seq % 2:
         q.finish_later(qid, delete=True).result(timeout=30)
         print("deleted", qid, flush=True)

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import os
 import re
 import sqlite3
@@ -170,6 +171,76 @@ def test_schema_and_database_settings(q: SqliteQueue, db: Path) -> None:
     assert types["data"] == "BLOB"
     # the writer checkpoints less often than SQLite's default of 1000 pages
     assert q._writer_conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES == 4000
+
+
+def _wal_syncs(monkeypatch, q: SqliteQueue, *, gate: threading.Event | None = None,
+               error: OSError | None = None) -> list[bool]:
+    """Record each fdatasync of the queue's WAL (True when the file synced is the WAL); with
+    ``gate``, each waits for it; with ``error``, each fails with it."""
+    real = os.fdatasync
+    calls: list[bool] = []
+
+    def fdatasync(fd: int) -> None:
+        calls.append(os.fstat(fd).st_ino == os.stat(f"{q.path}-wal").st_ino)
+        if gate is not None:
+            assert gate.wait(10)
+        if error is not None:
+            raise error
+        real(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return calls
+
+
+def test_sqlite_commits_without_fsync_and_the_writer_fsyncs_the_wal_before_the_answer(
+        q: SqliteQueue, monkeypatch) -> None:
+    assert q._writer_conn.execute("PRAGMA synchronous").fetchone()[0] == 1      # NORMAL
+    gate = threading.Event()
+    syncs = _wal_syncs(monkeypatch, q, gate=gate)
+    future = q.submit(message())
+    deadline = time.monotonic() + 10
+    while not syncs and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert syncs == [True]                        # the WAL, once the commit is made ...
+    time.sleep(0.05)
+    assert not future.done()                      # ... and no answer before the fsync returns
+    committed = sqlite3.connect(q.path)
+    try:                                          # the commit itself is made (visible) already
+        assert committed.execute("SELECT count(*) FROM message").fetchone()[0] == 1
+    finally:
+        committed.close()
+    gate.set()
+    assert q.get(future.result(timeout=10)) is not None
+    assert syncs == [True]
+
+
+def test_bookkeeping_that_may_be_lost_is_not_fsynced(q: SqliteQueue, monkeypatch) -> None:
+    queue_id = q.submit(message()).result(timeout=10)
+    syncs = _wal_syncs(monkeypatch, q)
+    q.finish_later(queue_id, delete=True).result(timeout=10)
+    assert syncs == []
+    assert q.get(queue_id) is None
+    q.submit(message()).result(timeout=10)
+    assert syncs == [True]
+
+
+@pytest.mark.parametrize("code, error", [(errno.EIO, QueueError), (errno.ENOSPC, QueueFull)])
+def test_a_failed_fsync_fails_the_group_and_the_writer_goes_on(
+        q: SqliteQueue, monkeypatch, code: int, error: type) -> None:
+    syncs = _wal_syncs(monkeypatch, q, error=OSError(code, os.strerror(code)))
+    with pytest.raises(error, match="fsync of the WAL failed"):
+        q.submit(message()).result(timeout=10)
+    assert syncs == [True]
+    monkeypatch.undo()
+    queue_id = q.submit(message(sender="second@ours.example")).result(timeout=10)
+    assert q.get(queue_id).sender == "second@ours.example"
+    # the failed group was committed all the same: the client, told 451/452, sends again and
+    # the message may be queued twice, never lost
+    raw = sqlite3.connect(q.path)
+    try:
+        senders = [row[0] for row in raw.execute("SELECT sender FROM message ORDER BY rowid")]
+    finally:
+        raw.close()
+    assert senders == ["alice@ours.example", "second@ours.example"]
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
