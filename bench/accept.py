@@ -12,7 +12,7 @@ Both servers accept mail for one domain only (``example.test``): relaywarden as 
 domain with the mailbox ``postmaster@example.test`` and delivery off (``[delivery] enabled =
 false``), Postfix as a relay domain whose transport is deferred (or held, ``--postfix-queue
 hold``), so every message stays queued. relaywarden answers
-250 after its SQLite commit (WAL, synchronous=FULL); Postfix after cleanup's fsync. Each run is
+250 after its SQLite commit and the fsync of the WAL; Postfix after cleanup's fsync. Each run is
 checked: the number of messages in the server's queue must grow by exactly the count sent.
 
 Everything lives in a temporary directory on loopback ports picked here; every process started

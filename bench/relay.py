@@ -11,8 +11,8 @@ Both servers accept mail for ``example.test`` and forward it to their own smtp-s
 server, dumping every message into a file under /dev/shm, counted the same way for both):
 
 - relaywarden: ``example.test`` is an external-relay domain whose route is a smarthost
-  ``127.0.0.1:SINKPORT`` without TLS; the queue is SQLite (WAL, synchronous=FULL), the 250 after
-  DATA follows the commit, every delivery result is committed before the message is removed.
+  ``127.0.0.1:SINKPORT`` without TLS; the queue is SQLite (WAL), the 250 after
+  DATA follows the commit and the fsync of the WAL, every delivery result is committed before the message is removed.
 - Postfix (``bench/postfix.py``, mode ``relay``): ``example.test`` in ``relay_domains``, a
   transport map sends it to ``relay:[127.0.0.1]:SINKPORT``; cleanup fsyncs the queue file before
   the 250, qmgr removes it after the delivery.  Everything else is Postfix's default.

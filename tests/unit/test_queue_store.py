@@ -24,7 +24,8 @@ from relaywarden.queue.model import (
     RecipientIn,
 )
 from relaywarden.queue.store import (
-    DUE_SQL, WAL_CHECKPOINT_PAGES, MessageFilter, QueueIdGenerator, SqliteQueue, _Write, shape_sql,
+    DUE_SQL, WAL_CHECKPOINT_PAGES, MessageFilter, QueueIdGenerator, SqliteQueue, _Write, batch_scheduling,
+    shape_sql,
 )
 from relaywarden.queue.store import _register_functions as store_functions
 
@@ -243,17 +244,110 @@ def test_a_failed_fsync_fails_the_group_and_the_writer_goes_on(
     assert senders == ["alice@ours.example", "second@ours.example"]
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
-def test_the_writer_thread_is_scheduled_as_batch_and_the_callers_are_not(tmp_path: Path) -> None:
-    q = SqliteQueue(tmp_path / "queue.sqlite")
+def _one_group(q: SqliteQueue, submit_all):
+    """Run ``submit_all()`` while the writer is held inside another (non-durable) write, so that
+    what it submits is taken as one group when the writer is let go; returns its result."""
+    inside, gate = threading.Event(), threading.Event()
+
+    def block(conn: sqlite3.Connection) -> None:
+        inside.set()
+        gate.wait(10)
+    blocker = q._enqueue(_Write(block, durable=False))
+    assert inside.wait(10)
     try:
-        q.submit(message()).result(timeout=10)       # the writer has started and written
-        assert os.sched_getscheduler(q._writer.native_id) == os.SCHED_BATCH
-        assert os.sched_getscheduler(0) == os.SCHED_OTHER     # only the writer thread
+        return submit_all()
+    finally:
+        gate.set()
+        blocker.result(timeout=10)
+
+
+def test_a_group_of_a_message_and_bookkeeping_is_fsynced(q: SqliteQueue, monkeypatch) -> None:
+    old = q.submit(message(sender="old@ours.example")).result(timeout=10)
+    syncs = _wal_syncs(monkeypatch, q)
+    before = q.stats()["transactions"]
+    new, deleted = _one_group(q, lambda: (q.submit(message()), q.finish_later(old, delete=True)))
+    assert q.get(new.result(timeout=10)) is not None and deleted.result(timeout=10) == []
+    assert q.stats()["transactions"] - before == 2         # the blocker's group, then theirs
+    assert syncs == [True]                                 # once, for the group with a message
+
+
+def test_a_failed_fsync_fails_only_the_writes_that_needed_it(q: SqliteQueue, monkeypatch) -> None:
+    old = q.submit(message(sender="old@ours.example")).result(timeout=10)
+    syncs = _wal_syncs(monkeypatch, q, error=OSError(errno.EIO, os.strerror(errno.EIO)))
+    new, deleted = _one_group(q, lambda: (q.submit(message()), q.finish_later(old, delete=True)))
+    with pytest.raises(QueueError, match="fsync of the WAL failed"):
+        new.result(timeout=10)
+    assert deleted.result(timeout=10) == []        # bookkeeping needs no fsync: done, and said so
+    assert q.get(old) is None
+    assert syncs == [True]
+
+
+def test_after_a_failed_fsync_durable_writes_wait_for_a_checkpoint_that_empties_the_wal(
+        q: SqliteQueue, monkeypatch) -> None:
+    _wal_syncs(monkeypatch, q, error=OSError(errno.EIO, os.strerror(errno.EIO)))
+    with pytest.raises(QueueError, match="fsync of the WAL failed"):
+        q.submit(message(sender="first@ours.example")).result(timeout=10)
+    monkeypatch.undo()                             # the disk works again ...
+    reader = sqlite3.connect(q.path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")                    # ... but a reader holds an old snapshot, so
+        reader.execute("SELECT count(*) FROM message").fetchone()   # no checkpoint can finish
+        with pytest.raises(QueueError, match="earlier fsync of the queue's WAL failed"):
+            q.submit(message(sender="refused@ours.example")).result(timeout=10)
+        reader.execute("COMMIT")
+    finally:
+        reader.close()
+    queue_id = q.submit(message(sender="third@ours.example")).result(timeout=10)   # checkpointed
+    assert q.get(queue_id) is not None
+    raw = sqlite3.connect(q.path)
+    try:     # the refused message was never written; the first one, committed, stays
+        senders = [row[0] for row in raw.execute("SELECT sender FROM message ORDER BY rowid")]
+    finally:
+        raw.close()
+    assert senders == ["first@ours.example", "third@ours.example"]
+
+
+def test_the_wal_fsynced_is_the_one_sqlite_writes_when_the_queue_path_is_a_link(
+        tmp_path: Path, monkeypatch) -> None:
+    real = tmp_path / "disk" / "queue.sqlite"
+    real.parent.mkdir()
+    link = tmp_path / "queue.sqlite"
+    link.symlink_to(real)
+    (tmp_path / "queue.sqlite-wal").write_bytes(b"")       # a stale file beside the link
+    q = SqliteQueue(link)
+    try:
+        assert os.fstat(q._wal_fd).st_ino == os.stat(f"{real}-wal").st_ino
+        q.submit(message()).result(timeout=10)
     finally:
         q.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_the_writer_thread_is_scheduled_as_batch_and_the_callers_are_not(tmp_path: Path) -> None:
+    caller = os.sched_getscheduler(0)
+    if caller != os.SCHED_OTHER:
+        pytest.skip("the tests run under another scheduling policy, which the writer keeps")
+    q = SqliteQueue(tmp_path / "queue.sqlite")
+    try:
+        q.submit(message()).result(timeout=10)       # the writer has started and written
+        policy = os.sched_getscheduler(q._writer.native_id)
+        if policy == os.SCHED_OTHER:
+            pytest.skip("this system or sandbox refuses SCHED_BATCH (the writer runs as before)")
+        assert policy == os.SCHED_BATCH
+        assert os.sched_getscheduler(0) == caller     # only the writer thread
+    finally:
+        q.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_a_policy_the_administrator_chose_is_kept(monkeypatch) -> None:
+    calls: list[object] = []
+    monkeypatch.setattr(os, "sched_getscheduler", lambda pid: os.SCHED_IDLE)
+    monkeypatch.setattr(os, "sched_setscheduler", lambda *args: calls.append(args))
+    assert batch_scheduling() is False and calls == []
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
 def test_a_writer_that_may_not_be_batch_writes_all_the_same(tmp_path: Path, monkeypatch) -> None:
     def refused(*args: object) -> None:
         raise PermissionError(1, "Operation not permitted")

@@ -247,10 +247,16 @@ def batch_scheduling() -> bool:
     per message, alternated: about 9 % less CPU per message and 4 to 6 % more messages a second;
     context switches 6.4 -> 4.1 per message (docs/benchmarks.md, fifth session)."""
     try:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            return False        # a policy the administrator chose (real-time, idle): kept
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (AttributeError, OSError):
         return False
     return True
+
+
+# fdatasync where the system has it (Linux), else fsync
+_HAVE_FDATASYNC = hasattr(os, "fdatasync")
 
 
 def _run_completions(completions: list[LoopCompletion]) -> None:
@@ -336,17 +342,28 @@ class SqliteQueue(QueueBackend):
         self._incoming = False           # new messages go in through the incoming_v1 view
         self._writer_conn = self._open_writer(max_pages)
         try:
-            # The WAL the writer fsyncs after each durable commit. It lives as long as the
-            # writer's connection: SQLite deletes it only when the last connection to the
-            # database closes; otherwise it is truncated or written over, never replaced.
-            self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY)
-        except OSError as exc:
+            # The WAL the writer fsyncs after each durable commit, named from the file SQLite
+            # has open (a queue path that is a symbolic link names another directory's WAL).
+            # It lives as long as the writer's connection: SQLite deletes it only when the last
+            # connection to the database closes; otherwise it is truncated or written over,
+            # never replaced.
+            database = self._writer_conn.execute("PRAGMA database_list").fetchone()[2]
+            self._wal_fd = os.open(f"{database}-wal", os.O_RDONLY)
+        except (OSError, sqlite3.Error) as exc:
             self._writer_conn.close()
             raise QueueError(f"{self.path}: cannot open the WAL to fsync it: {exc}") from exc
+        # set when an fsync of the WAL failed: durable writes are refused until a checkpoint
+        # has copied the WAL into the database and emptied it (``_wal_trusted``)
+        self._wal_failed = False
         self._writer = threading.Thread(
             target=self._writer_loop, name=f"queue-writer:{self.path.name}", daemon=True
         )
-        self._writer.start()
+        try:
+            self._writer.start()
+        except BaseException:
+            self._writer_conn.close()
+            os.close(self._wal_fd)
+            raise
 
     # ------------------------------------------------------------------ connections
 
@@ -497,19 +514,28 @@ class SqliteQueue(QueueBackend):
                 self._commit_group(conn, group)
             except BaseException as exc:  # the writer must survive anything
                 self._fail(group, exc)
-        conn.close()
-        os.close(self._wal_fd)
+        try:
+            conn.close()
+        finally:
+            os.close(self._wal_fd)
 
     def _commit_group(self, conn: sqlite3.Connection, group: list[_Write]) -> None:
         live = [w for w in group if w.future.set_running_or_notify_cancel()]
         if not live:
             return
+        if self._wal_failed and not self._wal_trusted(conn):
+            refused = [w for w in live if w.durable]
+            self._fail(refused, QueueError(
+                "queue write refused: an earlier fsync of the queue's WAL failed, and until a "
+                "checkpoint has copied the WAL into the database no write can be made durable "
+                "(is the disk failing?)"))
+            live = [w for w in live if not w.durable]
+            if not live:
+                return
         before = len(live)
         try:
             done, failed = _apply_group(conn, live, self.busy_timeout, self._incoming,
                                         lambda room: self._joiners(min(room, self.group_max - len(live))))
-            if any(w.durable for w, _ in done):
-                self._sync_wal()
         except BaseException as exc:
             if conn.in_transaction:
                 try:
@@ -520,6 +546,14 @@ class SqliteQueue(QueueBackend):
             return
         finally:
             group.extend(live[before:])     # writes that joined while it waited: the group's too
+        if any(w.durable for w, _ in done):
+            try:
+                self._sync_wal()
+            except (QueueError, QueueFull) as exc:
+                # committed, not durable: the durable writes fail (their clients send again: a
+                # possible duplicate, never a loss); the others need no fsync and are done
+                failed = failed + [(w, exc) for w, _ in done if w.durable]
+                done = [(w, result) for w, result in done if not w.durable]
         with self._state_lock:
             self._stats["transactions"] += 1
             self._stats["messages"] += sum(1 for w, _ in done if w.is_message)
@@ -546,15 +580,41 @@ class SqliteQueue(QueueBackend):
         forum, "Switching pragma synchronous to upgrade durability"). (Other connections may read the
         commit before this fsync ends: the delivery process may then deliver a message whose
         client has not had its 250 yet, as with any MTA that crashes between delivery and
-        acknowledgement — at worst twice, never lost.) If the fsync fails, the group's
+        acknowledgement — at worst twice, never lost.) If the fsync fails, the group's durable
         writes fail (451 4.3.0, or 452 4.3.1 when the disk is full) although they are committed:
-        the client sends again and the message may be queued twice, never lost."""
+        the client sends again and the message may be queued twice, never lost. And since Linux
+        may then have dropped the pages it could not write, a later fsync's success proves
+        nothing for them nor for any commit after them: durable writes are refused from then
+        on, until a checkpoint has copied the WAL into the database and emptied it
+        (``_wal_trusted``), as SQLite with synchronous = FULL would never have published them."""
         try:
-            os.fdatasync(self._wal_fd)
+            if _HAVE_FDATASYNC:
+                os.fdatasync(self._wal_fd)
+            else:
+                os.fsync(self._wal_fd)
         except OSError as exc:
+            # Linux may have dropped the pages it could not write, so a later fsync that
+            # succeeds does not make them durable, nor any commit after them (recovery stops at
+            # the first bad frame): later durable writes are refused until the WAL is emptied.
+            self._wal_failed = True
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise QueueFull(f"queue storage is full: fsync of the WAL failed: {exc}") from exc
             raise QueueError(f"queue write failed: fsync of the WAL failed: {exc}") from exc
+
+    def _wal_trusted(self, conn: sqlite3.Connection) -> bool:
+        """After a failed fsync of the WAL: try a checkpoint that copies the whole WAL into the
+        database, fsyncs the database and truncates the WAL, so that later commits start a new
+        WAL that no lost frame precedes. True (and the failure forgotten) once one succeeds; it
+        cannot while another connection reads an older snapshot, and is tried again at the next
+        durable group."""
+        try:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error:
+            return False
+        if busy:
+            return False
+        self._wal_failed = False
+        return True
 
     def _joiners(self, room: int) -> list[_Write]:
         """New messages that arrived while the group waited for another process's write lock,
