@@ -523,7 +523,7 @@ class SqliteQueue(QueueBackend):
         live = [w for w in group if w.future.set_running_or_notify_cancel()]
         if not live:
             return
-        if self._wal_failed and not self._wal_trusted(conn):
+        if self._wal_failed and any(w.durable for w in live) and not self._wal_trusted(conn):
             refused = [w for w in live if w.durable]
             self._fail(refused, QueueError(
                 "queue write refused: an earlier fsync of the queue's WAL failed, and until a "
@@ -576,26 +576,27 @@ class SqliteQueue(QueueBackend):
         fsyncs the WAL before and the database after, and the WAL header when the WAL is
         written over from its start (SQLite's documentation of synchronous = NORMAL in WAL
         mode), so a WAL reused after a checkpoint loses nothing either. Flushing the WAL to make
-        a NORMAL commit durable is what SQLite's developers recommend for this (sqlite.org
-        forum, "Switching pragma synchronous to upgrade durability"). (Other connections may read the
+        a NORMAL commit durable is what SQLite's developers advise (sqlite.org forum,
+        "Switching pragma synchronous to upgrade durability"). Other connections may read the
         commit before this fsync ends: the delivery process may then deliver a message whose
         client has not had its 250 yet, as with any MTA that crashes between delivery and
-        acknowledgement — at worst twice, never lost.) If the fsync fails, the group's durable
-        writes fail (451 4.3.0, or 452 4.3.1 when the disk is full) although they are committed:
-        the client sends again and the message may be queued twice, never lost. And since Linux
-        may then have dropped the pages it could not write, a later fsync's success proves
-        nothing for them nor for any commit after them: durable writes are refused from then
-        on, until a checkpoint has copied the WAL into the database and emptied it
-        (``_wal_trusted``), as SQLite with synchronous = FULL would never have published them."""
+        acknowledgement — at worst twice, never lost.
+
+        If the fsync fails, the group's durable writes fail (451 4.3.0, or 452 4.3.1 when the
+        disk is full) although they are committed: the client sends again and the message may
+        be queued twice, never lost. Linux may then have dropped the pages it could not write,
+        so a later fsync's success proves nothing for them nor for any commit after them
+        (recovery stops at the first bad frame): durable writes are refused from then on, until
+        a checkpoint has copied the WAL into the database and emptied it (``_wal_trusted``), as
+        SQLite with synchronous = FULL would never have published them. The other processes'
+        writers learn of the error at their own next fsync (Linux reports a writeback error to
+        every descriptor of the file open at the time) and refuse alike."""
         try:
             if _HAVE_FDATASYNC:
                 os.fdatasync(self._wal_fd)
             else:
                 os.fsync(self._wal_fd)
         except OSError as exc:
-            # Linux may have dropped the pages it could not write, so a later fsync that
-            # succeeds does not make them durable, nor any commit after them (recovery stops at
-            # the first bad frame): later durable writes are refused until the WAL is emptied.
             self._wal_failed = True
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise QueueFull(f"queue storage is full: fsync of the WAL failed: {exc}") from exc
