@@ -842,7 +842,6 @@ class SmtpServer:
         return None
 
 
-
 # The method that answers each implemented command ("MAIL" -> SmtpServer._cmd_mail).
 _HANDLERS = {verb: getattr(SmtpServer, "_cmd_" + verb.lower(), SmtpServer._cmd_unimplemented)
              for verb in KNOWN - NOT_IMPLEMENTED}
